@@ -1,0 +1,71 @@
+"""Decoding audio files (wav, flac, ogg, … whatever libsndfile reads) to 16 kHz mono.
+
+Files are read in blocks, downmixed to mono and resampled by the streaming resampler, so
+a long recording never has to fit in memory and the samples equal those of a live stream
+of the same audio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from streamer.capture.resample import StreamingResampler
+from streamer.errors import AudioError
+from streamer.model.config import SAMPLE_RATE_HZ
+
+BLOCK_SECONDS = 10.0
+
+
+def _open(path: Path) -> sf.SoundFile:
+    if not path.exists():
+        raise AudioError(f"{path}: no such file")
+    if path.is_dir():
+        raise AudioError(f"{path}: is a directory, not an audio file")
+    try:
+        return sf.SoundFile(str(path))
+    except (sf.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as exc:
+        raise AudioError(f"{path}: cannot decode audio ({' '.join(str(exc).split())[:160]})") from None
+
+
+def audio_info(path: Path) -> tuple[int, int, int]:
+    """(sample rate, channels, frames) of an audio file."""
+    with _open(Path(path)) as f:
+        return f.samplerate, f.channels, f.frames
+
+
+def to_mono(block: np.ndarray) -> np.ndarray:
+    """Average the channels of a ``(frames, channels)`` block."""
+    return block[:, 0].copy() if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
+
+
+def iter_audio(path: str | Path, block_seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
+    """Yield the file's audio as 16 kHz mono float32 blocks, in order."""
+    path = Path(path)
+    with _open(path) as f:
+        if f.samplerate <= 0 or f.channels <= 0:
+            raise AudioError(f"{path}: invalid header ({f.samplerate} Hz, {f.channels} channels)")
+        resampler = StreamingResampler(f.samplerate, SAMPLE_RATE_HZ)
+        block_frames = max(1, int(block_seconds * f.samplerate))
+        try:
+            while True:
+                block = f.read(block_frames, dtype="float32", always_2d=True)
+                if block.shape[0] == 0:
+                    break
+                out = resampler.process(to_mono(block))
+                if out.size:
+                    yield out
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise AudioError(f"{path}: decoding failed part way ({' '.join(str(exc).split())[:160]})") from None
+        tail = resampler.flush()
+        if tail.size:
+            yield tail
+
+
+def read_audio(path: str | Path) -> np.ndarray:
+    """A whole file as 16 kHz mono float32."""
+    blocks = list(iter_audio(path))
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)

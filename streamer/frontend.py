@@ -1,0 +1,106 @@
+"""The AST frontend: Kaldi log-mel filterbanks exactly as ``ASTFeatureExtractor`` makes them.
+
+``torchaudio.compliance.kaldi.fbank`` with a Hanning window, 25 ms frames every 10 ms,
+no dither and ``snip_edges`` — so each frame depends on its own 400 samples only. That is
+what lets :class:`Frontend` work incrementally: it computes just the frames that newly
+arrived audio completes, and a stream's frames equal the offline features of the same
+samples. Frames are normalised with the checkpoint's mean/std as ``(x - mean) / (2 std)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchaudio.compliance.kaldi as kaldi
+
+from streamer.model.config import SAMPLE_RATE_HZ, FeatureConfig
+
+FRAME_LENGTH_MS = 25.0
+FRAME_SHIFT_MS = 10.0
+FRAME_LENGTH = int(SAMPLE_RATE_HZ * FRAME_LENGTH_MS / 1000)  # 400 samples
+FRAME_SHIFT = int(SAMPLE_RATE_HZ * FRAME_SHIFT_MS / 1000)  # 160 samples
+WINDOW_TYPE = "hanning"
+
+
+def window_samples(frames: int) -> int:
+    """Samples that ``frames`` consecutive frames cover (1024 frames → 164 080)."""
+    return (frames - 1) * FRAME_SHIFT + FRAME_LENGTH
+
+
+def log_mel(samples: np.ndarray | torch.Tensor, num_mel_bins: int) -> torch.Tensor:
+    """Raw Kaldi log-mel frames ``(n_frames, num_mel_bins)`` of 16 kHz mono samples.
+
+    Fewer than 400 samples make no frame (torchaudio itself would refuse them).
+    """
+    waveform = torch.as_tensor(samples, dtype=torch.float32).reshape(1, -1)
+    if waveform.shape[1] < FRAME_LENGTH:
+        return torch.zeros(0, num_mel_bins)
+    return kaldi.fbank(
+        waveform,
+        sample_frequency=SAMPLE_RATE_HZ,
+        frame_length=FRAME_LENGTH_MS,
+        frame_shift=FRAME_SHIFT_MS,
+        window_type=WINDOW_TYPE,
+        num_mel_bins=num_mel_bins,
+        dither=0.0,
+    )
+
+
+def normalise(frames: torch.Tensor, features: FeatureConfig) -> torch.Tensor:
+    if not features.do_normalize:
+        return frames
+    return (frames - features.mean) / (features.std * 2)
+
+
+def pad_value(features: FeatureConfig) -> float:
+    """What a zero (padding) frame becomes after normalisation, as in the reference."""
+    return float(normalise(torch.zeros(1), features))
+
+
+def clip_features(samples: np.ndarray, features: FeatureConfig) -> torch.Tensor:
+    """One model input from one clip: frames right-padded with zero frames or cut to ``max_length``.
+
+    The single-clip equivalent of ``ASTFeatureExtractor(samples)``, for short clips.
+    """
+    frames = log_mel(np.asarray(samples[: window_samples(features.max_length)]), features.num_mel_bins)
+    out = torch.full((features.max_length, features.num_mel_bins), pad_value(features))
+    out[: frames.shape[0]] = normalise(frames, features)
+    return out
+
+
+class Frontend:
+    """Incremental frontend for one stream: push samples in any chunk sizes, get new frames.
+
+    Keeps only the < 400 samples that the next frame still needs, so state is bounded.
+    ``frames_done`` counts frames emitted; frame ``i`` starts at sample ``i * 160`` of the
+    stream.
+    """
+
+    def __init__(self, features: FeatureConfig) -> None:
+        self.features = features
+        self.reset()
+
+    def reset(self) -> None:
+        self._tail = np.zeros(0, dtype=np.float32)
+        self.frames_done = 0
+        self.samples_seen = 0
+        self.nonfinite_samples = 0
+
+    def push(self, samples: np.ndarray) -> torch.Tensor:
+        """Normalised frames completed by ``samples`` (possibly none): ``(k, num_mel_bins)``."""
+        chunk = np.asarray(samples, dtype=np.float32).reshape(-1)
+        self.samples_seen += chunk.size
+        if not np.isfinite(chunk).all():  # NaN/inf would poison every frame they touch
+            bad = ~np.isfinite(chunk)
+            self.nonfinite_samples += int(bad.sum())
+            chunk = np.where(bad, np.float32(0.0), chunk)
+        buffer = np.concatenate((self._tail, chunk)) if self._tail.size else chunk
+        if buffer.size < FRAME_LENGTH:
+            self._tail = buffer.copy()
+            return torch.zeros(0, self.features.num_mel_bins)
+        count = (buffer.size - FRAME_LENGTH) // FRAME_SHIFT + 1
+        used = (count - 1) * FRAME_SHIFT + FRAME_LENGTH
+        frames = log_mel(buffer[:used], self.features.num_mel_bins)
+        self._tail = buffer[count * FRAME_SHIFT:].copy()
+        self.frames_done += count
+        return normalise(frames, self.features)
