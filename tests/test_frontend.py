@@ -142,3 +142,28 @@ def test_short_stream_gives_one_padded_window_at_zero():
     [window] = stream.finish()
     assert window.start_sample == 0 and window.frames == 298
     assert np.abs(window.features.numpy() - reference(samples)).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("fmt", ["flac", "ogg"])
+def test_flac_and_ogg_decode_to_the_same_signal(tmp_path, fmt):
+    import soundfile as sf
+
+    clip = next(p for p in real_clips() if p.parent.name == "door_knock")  # 44.1 kHz
+    raw, rate = sf.read(clip, dtype="float32")
+    path = tmp_path / f"clip.{fmt}"
+    sf.write(path, raw, rate, format=fmt.upper(), subtype="PCM_16" if fmt == "flac" else "VORBIS")
+    wav, other = read_audio(clip), read_audio(path)
+    assert other.shape == wav.shape
+    # FLAC is lossless (the wav is 16-bit); Vorbis is lossy, so only roughly equal.
+    tolerance = 1e-6 if fmt == "flac" else 0.05
+    assert np.abs(other - wav).max() <= tolerance
+
+
+def test_stereo_is_downmixed_to_the_channel_mean(tmp_path):
+    import soundfile as sf
+
+    rng = np.random.default_rng(8)
+    left, right = rng.uniform(-0.5, 0.5, (2, 16000)).astype(np.float32)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, np.stack([left, right], axis=1), 16000, subtype="FLOAT")
+    assert np.allclose(read_audio(path), (left + right) / 2, atol=1e-7)
