@@ -52,14 +52,14 @@ def make_clip(path: Path) -> None:
 
 def run_streamer(model: Path, clip: Path, batch: int) -> dict:
     from streamer.detect import score_file
-    from streamer.inference import Classifier
+    from streamer.inference import InferenceEngine
     from streamer.model import load_model
 
     t0 = time.perf_counter()
-    classifier = Classifier(load_model(model), max_batch=batch)
+    engine = InferenceEngine(load_model(model), device="cpu", max_batch=batch)
     load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores = score_file(clip, classifier, HOP_FRAMES)
+    scores = score_file(clip, engine, HOP_FRAMES)
     elapsed = time.perf_counter() - t0
     return {"load_s": load, "windows": len(scores.start_sample), "seconds": elapsed}
 

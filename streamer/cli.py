@@ -47,31 +47,44 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--hop", type=_hop, default=100, metavar="SECONDS", help="window hop in seconds, a multiple of 0.01 (default 1)")
     detect.add_argument("--top-k", type=_positive_int, default=3, metavar="K", help="labels printed per window (default 3)")
     detect.add_argument("--scores-out", type=Path, metavar="FILE.npz", help="write every window's scores to an .npz")
-    detect.add_argument("--device", default="cpu", help="auto, cpu or cuda[:N] (default cpu)")
+    detect.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto: a GPU if there is one)")
+    detect.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"], help="inference precision (default fp32; int8 is CPU only)")
     detect.add_argument("--batch", type=_positive_int, default=8, help="windows per forward pass (default 8)")
     detect.add_argument("--threads", type=_positive_int, help="CPU threads for inference (default: torch's choice)")
 
     labels = sub.add_parser("labels", help="list the labels a model can detect")
     labels.add_argument("search", nargs="?", default="", help="show only labels containing this text")
     labels.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    bench = sub.add_parser("bench", help="measure inference speed and accuracy against transformers")
+    bench.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    bench.add_argument("--model", type=Path, help="checkpoint directory (default: random full-size 10-10 weights)")
+    bench.add_argument("--audio", type=Path, nargs="*", default=[], help="real recordings for the accuracy pass")
+    bench.add_argument("--out", type=Path, default=Path("bench/results/inference.json"), help="JSON report path")
+    bench.add_argument("--no-transformers", action="store_true", help="measure our engine alone")
+    bench.add_argument("--compile", action="store_true", help="also measure bf16 with torch.compile (GPU)")
+    bench.add_argument("--threads", type=_positive_int, help="CPU threads")
     return parser
 
 
-def cmd_detect(args: argparse.Namespace) -> int:
-    import torch
+def cmd_bench(args: argparse.Namespace) -> int:
+    from streamer.benchmark import run
 
+    run(args.device, args.out, args.model, args.audio, not args.no_transformers, args.compile, args.threads)
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
     from streamer.detect import save_scores, score_file, top_labels
-    from streamer.frontend import FRAME_SHIFT
-    from streamer.inference import Classifier
+    from streamer.inference import InferenceEngine
     from streamer.model import load_model
     from streamer.model.config import SAMPLE_RATE_HZ
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.scores_out and not args.scores_out.parent.is_dir():
         raise StreamerError(f"{args.scores_out}: the directory {args.scores_out.parent} does not exist")
-    classifier = Classifier(load_model(args.model), device=args.device, max_batch=args.batch)
-    labels = classifier.labels
+    engine = InferenceEngine(
+        load_model(args.model), device=args.device, precision=args.precision, max_batch=args.batch, threads=args.threads
+    )
+    labels = engine.labels
 
     results = []
     for path in args.audio:
@@ -80,7 +93,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 top = ", ".join(f"{name} {p:.2f}" for name, p in top_labels(row, labels, args.top_k))
                 print(f"{path}\t{window.start_sample / SAMPLE_RATE_HZ:8.2f}s\t{top}", flush=True)
 
-        results.append(score_file(path, classifier, args.hop, on_batch=show))
+        results.append(score_file(path, engine, args.hop, on_batch=show))
     if args.scores_out:
         save_scores(args.scores_out, results, labels)
         log.info("wrote %s", args.scores_out)
@@ -97,7 +110,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"detect": cmd_detect, "labels": cmd_labels}
+COMMANDS = {"detect": cmd_detect, "labels": cmd_labels, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Offline detection over audio files: the live pipeline, fed from files as fast as it goes.
 
 Each file is decoded in blocks and pushed through the same :class:`StreamWindows`
-(frontend + scheduler) and :class:`Classifier` that the daemon uses, so a file gives the
+(frontend + scheduler) and :class:`InferenceEngine` that the daemon uses, so a file gives the
 windows, start samples and scores the same audio would give live.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from streamer.capture.files import iter_audio
 from streamer.frontend import FRAME_SHIFT
-from streamer.inference import Classifier
+from streamer.inference import InferenceEngine
 from streamer.model.config import SAMPLE_RATE_HZ
 from streamer.scheduler import StreamWindows, Window
 
@@ -48,18 +48,18 @@ def iter_windows(path: str | Path, windows: StreamWindows) -> Iterator[Window]:
 
 def score_file(
     path: str | Path,
-    classifier: Classifier,
+    engine: InferenceEngine,
     hop_frames: int,
     on_batch: Callable[[list[Window], np.ndarray], None] | None = None,
 ) -> FileScores:
-    """Slide windows over one file and score them in batches of the classifier's size."""
-    stream = StreamWindows(str(path), classifier.loaded.features, hop_frames)
+    """Slide windows over one file and score them in batches of the engine's size."""
+    stream = StreamWindows(str(path), engine.loaded.features, hop_frames)
     starts: list[int] = []
     scores: list[np.ndarray] = []
     pending: list[Window] = []
 
     def flush() -> None:
-        probs = classifier.score(pending)
+        probs = engine.score(pending)
         starts.extend(w.start_sample for w in pending)
         scores.append(probs)
         if on_batch:
@@ -68,11 +68,11 @@ def score_file(
 
     for window in iter_windows(path, stream):
         pending.append(window)
-        if len(pending) == classifier.max_batch:
+        if len(pending) == engine.max_batch:
             flush()
     if pending:
         flush()
-    labels = len(classifier.labels)
+    labels = len(engine.labels)
     return FileScores(
         path=str(path),
         start_sample=np.asarray(starts, dtype=np.int64),

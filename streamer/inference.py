@@ -1,16 +1,29 @@
-"""Running the AST on batches of windows and returning probabilities.
+"""Running the AST on batches of windows: one engine per model, one worker for all streams.
 
-:class:`Classifier` owns the model on its device; it is what the offline ``detect``
-command and the live worker call, so both score windows the same way.
+:class:`InferenceEngine` owns the model on its device in its precision and turns a batch
+of normalised windows into probabilities. On a GPU it keeps the weights in bf16/fp16,
+uses SDPA's fused attention kernels, stages input in one pinned host buffer (one copy per
+batch) and replays a CUDA graph captured for each of a fixed set of batch sizes, padding
+a batch up to the nearest one, so the per-batch host cost is a handful of calls whatever
+the batch holds. On the CPU it runs fp32, bf16, or int8 (dynamic quantisation of the
+Linear layers).
+
+:class:`InferenceWorker` is the thread that serves every live stream with one engine; the
+offline ``detect`` command calls the same engine directly.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from streamer.errors import StreamerError
 from streamer.model.checkpoint import LoadedModel
@@ -18,7 +31,11 @@ from streamer.scheduler import Window
 
 log = logging.getLogger(__name__)
 
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_WAIT_MS = 20.0
+GRAPH_WARMUP_RUNS = 3
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,41 +46,283 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise StreamerError(f"unknown device {name!r} (use auto, cpu or cuda[:N])") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise StreamerError(f"device {name} asked for, but no CUDA GPU is available here; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise StreamerError(f"device {name} is not supported (use auto, cpu or cuda[:N])")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StreamerError(f"device {name} asked for, but no CUDA GPU is available here; use device cpu")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise StreamerError(f"device {name}: there are only {torch.cuda.device_count()} CUDA GPUs")
+        device = torch.device("cuda", index)
     return device
 
 
-class Classifier:
-    """Score windows with a loaded AST, ``max_batch`` windows per forward pass."""
+def graph_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """Powers of two up to ``max_batch``, and ``max_batch`` itself."""
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_batch)
 
-    def __init__(self, loaded: LoadedModel, device: str = "cpu", max_batch: int = DEFAULT_MAX_BATCH) -> None:
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantisation of the encoder's Linear layers (CPU only).
+
+    The classifier head stays fp32: it is tiny, and its outputs are what users threshold.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.ao.quantization import quantize_dynamic
+
+        quantize_dynamic(model.blocks, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return model
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0
+    windows: int = 0
+    padded: int = 0
+    seconds: float = 0.0
+
+
+class InferenceEngine:
+    """A model prepared for one device and precision; ``predict`` scores batches of windows."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: str = "cpu",
+        precision: str = "fp32",
+        max_batch: int = DEFAULT_MAX_BATCH,
+        threads: int | None = None,
+        cuda_graphs: bool = True,
+        compile: bool = False,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise StreamerError(f"unknown precision {precision!r} (use one of {', '.join(PRECISIONS)})")
         if max_batch < 1:
             raise StreamerError(f"max_batch must be at least 1, got {max_batch}")
         self.loaded = loaded
         self.device = resolve_device(device)
+        self.precision = precision
         self.max_batch = max_batch
-        self.model = loaded.model.to(self.device)
+        self.stats = EngineStats()
+        if threads:
+            torch.set_num_threads(threads)
+        on_gpu = self.device.type == "cuda"
+        if precision == "int8" and on_gpu:
+            raise StreamerError("precision int8 is for the CPU; on a GPU use bf16 or fp16")
+        self.dtype = _DTYPES[precision]
+        shape = (loaded.features.max_length, loaded.features.num_mel_bins)
+        self._shape = shape
+
+        model = loaded.model.eval()  # the engine owns it from here on (no second copy in memory)
+        if precision == "int8":
+            model = quantize_int8(model)
+        else:
+            model = model.to(device=self.device, dtype=self.dtype)
+        self.model = model
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = self._probabilities
+        if compile:
+            # Inductor fuses the norms, bias+GELU and residual adds into the matmuls' neighbours;
+            # dynamic batch so one compilation serves every captured batch size.
+            self._forward = torch.compile(self._probabilities, dynamic=True)
+
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._pinned = torch.empty((max_batch, *shape), pin_memory=on_gpu)
+        self.batch_sizes = graph_batch_sizes(max_batch) if on_gpu and cuda_graphs else ()
+        self.warm_up()
 
     @property
     def labels(self) -> tuple[str, ...]:
         return self.loaded.labels
 
+    def _probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """fp32 features on the device → fp32 probabilities (the precision applies inside)."""
+        return self.model.probabilities(self.model(features.to(self.dtype)))
+
+    def warm_up(self) -> None:
+        """Run (and on a GPU capture) every batch size once, so that the first real window is fast."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if not self.batch_sizes:
+                self._forward(torch.zeros((1, *self._shape), device=self.device))
+            for size in self.batch_sizes:
+                self._graphs[size] = self._capture(size)
+        log.info(
+            "inference engine ready: %s, %s, batch sizes %s, warm-up %.1f s",
+            self.device, self.precision, list(self.batch_sizes) or f"1..{self.max_batch}", time.perf_counter() - t0,
+        )
+
+    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        static_in = torch.zeros((size, *self._shape), device=self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(GRAPH_WARMUP_RUNS):
+                self._forward(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._forward(static_in)
+        return graph, static_in, static_out
+
     @torch.inference_mode()
-    def predict(self, features: torch.Tensor) -> np.ndarray:
-        """Probabilities ``(batch, labels)`` for normalised windows ``(batch, frames, mel)``."""
-        outputs = []
-        for start in range(0, features.shape[0], self.max_batch):
-            batch = features[start:start + self.max_batch].to(self.device, non_blocking=True)
-            outputs.append(self.model.probabilities(self.model(batch)).cpu())
-        if not outputs:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return torch.cat(outputs).numpy().astype(np.float32, copy=False)
+    def predict(self, features: torch.Tensor | Sequence[torch.Tensor]) -> np.ndarray:
+        """Probabilities ``(n, labels)`` for ``n`` normalised windows, in ``max_batch`` chunks."""
+        count = len(features)
+        out = np.empty((count, len(self.labels)), dtype=np.float32)
+        for start in range(0, count, self.max_batch):
+            chunk = features[start:start + self.max_batch]
+            out[start:start + len(chunk)] = self._run(chunk)
+        return out
+
+    def _run(self, chunk: torch.Tensor | Sequence[torch.Tensor]) -> np.ndarray:
+        t0 = time.perf_counter()
+        n = len(chunk)
+        staged = self._pinned[:n]
+        if isinstance(chunk, torch.Tensor):
+            staged.copy_(chunk)
+        else:
+            torch.stack(list(chunk), out=staged)
+        if self.batch_sizes:
+            size = next(s for s in self.batch_sizes if s >= n)
+            graph, static_in, static_out = self._graphs[size]
+            static_in[:n].copy_(staged, non_blocking=True)
+            graph.replay()
+            probs = static_out[:n].cpu()
+            self.stats.padded += size - n
+        elif self.precision == "int8":
+            # Dynamic quantisation scales each Linear input by its whole tensor's range, so a
+            # window's result would depend on its batch-mates: score each window on its own.
+            probs = torch.cat([self._forward(staged[i:i + 1]) for i in range(n)])
+        else:
+            probs = self._forward(staged.to(self.device, non_blocking=True)).cpu()
+        self.stats.batches += 1
+        self.stats.windows += n
+        self.stats.seconds += time.perf_counter() - t0
+        return probs.numpy()
 
     def score(self, windows: Sequence[Window]) -> np.ndarray:
         """Probabilities for a list of windows, in their order."""
-        if not windows:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return self.predict(torch.stack([w.features for w in windows]))
+        return self.predict([w.features for w in windows])
+
+
+
+@dataclass(frozen=True)
+class Result:
+    """A window's probabilities, and how long it waited for them."""
+
+    window: Window
+    probabilities: np.ndarray  # (labels,) float32
+    latency_s: float  # from submission to the worker until the result was ready
+
+
+@dataclass
+class WorkerStats:
+    submitted: int = 0
+    skipped: int = 0  # windows replaced by a newer one of the same stream before inference
+    processed: int = 0
+    failed: int = 0  # windows lost to an inference error (each logged)
+
+
+class InferenceWorker:
+    """One thread, one engine, every stream: batches the streams' windows and scores them.
+
+    Each stream has at most one pending window: when the worker is behind, a newer window
+    replaces the stream's pending one (counted in ``skipped``), so latency stays bounded
+    and capture never blocks. A batch runs as soon as it holds ``max_batch`` windows or a
+    window from every registered stream, or ``max_wait_ms`` after its first window came.
+    """
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        on_result: Callable[[Result], None],
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    ) -> None:
+        self.engine = engine
+        self.on_result = on_result
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.stats = WorkerStats()
+        self._pending: dict[str, tuple[Window, float]] = {}
+        self._streams: set[str] = set()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._drain = True
+        self._thread: threading.Thread | None = None
+        self.last_progress = time.monotonic()
+
+    def register_stream(self, name: str) -> None:
+        with self._cond:
+            self._streams.add(name)
+
+    def unregister_stream(self, name: str) -> None:
+        with self._cond:
+            self._streams.discard(name)
+            self._cond.notify()
+
+    def start(self) -> "InferenceWorker":
+        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, window: Window) -> None:
+        """Queue a window; replaces (and counts as skipped) the stream's pending one."""
+        with self._cond:
+            self.stats.submitted += 1
+            if window.stream in self._pending:
+                self.stats.skipped += 1
+                self._pending[window.stream] = (window, self._pending[window.stream][1])
+            else:
+                self._pending[window.stream] = (window, time.monotonic())
+            self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the thread; with ``drain`` the windows already queued are scored first."""
+        with self._cond:
+            self._stopping, self._drain = True, drain
+            self._cond.notify()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _take_batch(self) -> list[tuple[Window, float]] | None:
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if not self._pending or (self._stopping and not self._drain):
+                return None
+            first = min(t for _, t in self._pending.values())
+            while not self._stopping:
+                ready = len(self._pending)
+                remaining = first + self.max_wait_s - time.monotonic()
+                if ready >= self.engine.max_batch or ready >= max(1, len(self._streams)) or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            names = sorted(self._pending, key=lambda n: self._pending[n][1])[: self.engine.max_batch]
+            return [self._pending.pop(n) for n in names]
+
+    def _loop(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            windows = [w for w, _ in batch]
+            try:
+                probs = self.engine.score(windows)
+            except Exception:  # keep serving the other streams; the loss is logged and counted
+                log.exception("inference failed for %d windows", len(windows))
+                self.stats.failed += len(windows)
+                continue
+            done = time.monotonic()
+            self.last_progress = done
+            self.stats.processed += len(windows)
+            for (window, submitted), row in zip(batch, probs):
+                try:
+                    self.on_result(Result(window, row, done - submitted))
+                except Exception:
+                    log.exception("result handler failed for stream %s", window.stream)
