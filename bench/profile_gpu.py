@@ -56,15 +56,19 @@ def main() -> None:
                 eager._forward(x)
                 torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-        graphs = InferenceEngine(load_model(directory), "cuda", "bf16", max_batch=b)
+        plain = InferenceEngine(load_model(directory), "cuda", "bf16", max_batch=b, fused=False)
         windows = _windows(b)
+        t = timed(lambda: plain.score(windows), iters=20)
+        print(f"graphs bf16 plain (unfused) bs{b}: {t * 1000:.2f} ms per batch ({b / t:.0f} w/s)")
+        del plain
+        graphs = InferenceEngine(load_model(directory), "cuda", "bf16", max_batch=b)
         total = timed(lambda: graphs.score(windows), iters=20)
         t0 = time.perf_counter()
         staged = graphs._pinned[:b]
         for _ in range(20):
             torch.stack([w.features for w in windows], out=staged)
         stack = (time.perf_counter() - t0) / 20
-        print(f"graphs bf16 bs{b}: {total * 1000:.2f} ms per batch ({b / total:.0f} w/s); "
+        print(f"graphs bf16 fused bs{b}: {total * 1000:.2f} ms per batch ({b / total:.0f} w/s); "
               f"host staging (stack into pinned) {stack * 1000:.2f} ms")
 
 

@@ -164,6 +164,15 @@ def test_slow_worker_skips_stale_windows_and_keeps_latency_bounded(tiny_checkpoi
     assert starts == sorted(starts) and starts[-1] == (submitted - 1) * 160  # the newest one wins
 
 
+def test_engine_refuses_windows_of_the_wrong_shape(tiny_checkpoint):
+    directory, _ = tiny_checkpoint(max_length=128)
+    engine = engine_for(directory, max_batch=2)
+    with pytest.raises(ValueError, match="windows must be"):
+        engine.predict([torch.zeros(5, 128)])
+    good = real_windows(1, max_length=128)
+    assert engine.predict(good).shape == (1, 5)  # the staging buffer was not disturbed
+
+
 def test_worker_survives_an_inference_error(tiny_checkpoint):
     directory, _ = tiny_checkpoint(max_length=128)
     engine = engine_for(directory, max_batch=1)
@@ -204,3 +213,17 @@ def test_gpu_graphs_pad_batches_without_changing_results(tiny_checkpoint):
     assert np.abs(batched - single).max() <= 1e-2  # bf16 kernels may differ by batch shape
     eager = engine_for(directory, "bf16", device="cuda", max_batch=16, cuda_graphs=False).predict(feats)
     assert np.abs(batched - eager).max() <= 1e-3
+
+
+@gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gpu_fused_path_matches_plain_path_and_fp32(tiny_checkpoint, precision):
+    directory, _ = tiny_checkpoint(**FULL_SIZE)
+    feats = real_windows(16)
+    fused = engine_for(directory, precision, device="cuda", max_batch=8)
+    assert fused.fused
+    plain = engine_for(directory, precision, device="cuda", max_batch=8, fused=False)
+    reference = engine_for(directory, "fp32", device="cpu", max_batch=8).predict(feats)
+    got = fused.predict(feats)
+    assert np.abs(got - plain.predict(feats)).max() <= BF16_BOUND
+    assert np.abs(got - reference).max() <= BF16_BOUND

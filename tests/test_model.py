@@ -142,3 +142,26 @@ def test_saved_checkpoint_loads_in_transformers_with_same_outputs(tiny_checkpoin
     x = torch.randn(2, 128, 128)
     with torch.no_grad():
         assert (reference(x).logits - loaded.model(x)).abs().max().item() <= TOLERANCE
+
+
+def test_pooled_forward_equals_the_full_forward(tiny_checkpoint):
+    """The last layer computes only the two pooled tokens: same numbers as computing all."""
+    directory, _ = tiny_checkpoint(max_length=128, num_labels=7)
+    model = load_model(directory).model
+    x = torch.randn(3, 128, 128)
+    with torch.no_grad():
+        full = model.forward_head(model.forward_features(x))
+        assert (model(x) - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "silu"])
+def test_fused_forward_equals_the_plain_forward(tiny_checkpoint, act):
+    from streamer.model.fused import FusedForward
+
+    directory, _ = tiny_checkpoint(max_length=128, num_labels=7, hidden_act=act, qkv_bias=act != "relu")
+    model = load_model(directory).model
+    x = torch.randn(3, 128, 128)
+    with torch.no_grad():
+        fused = FusedForward(model, compile_norm=False)(x)
+        # fc1's GELU runs as the tanh approximation there: close, not identical
+        assert (fused - model(x)).abs().max().item() <= 1e-3

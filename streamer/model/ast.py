@@ -15,6 +15,8 @@ from torch import nn
 
 from streamer.model.config import ASTConfig
 
+POOLED_TOKENS = 2  # the cls and distillation tokens, whose mean the head classifies
+
 _ACTIVATIONS = {
     "gelu": lambda: nn.GELU(),
     "gelu_new": lambda: nn.GELU(approximate="tanh"),
@@ -37,16 +39,31 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: int | None = None, project: bool = True) -> torch.Tensor:
+        """Attend over all tokens; with ``queries`` only the first that many tokens ask.
+
+        Only the cls and distillation tokens of the last layer reach the head, so the last
+        layer computes just their queries (exactly the same numbers, far less work).
+        """
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        if queries is None or type(self.qkv) is not nn.Linear:  # e.g. int8-quantised: no weight slices
+            qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            if queries is not None:
+                q = q[:, :, :queries]
+        else:
+            bias = self.qkv.bias
+            q = F.linear(x[:, :queries], self.qkv.weight[:dim], None if bias is None else bias[:dim])
+            q = q.reshape(batch, queries, self.num_heads, self.head_dim).transpose(1, 2)
+            kv = F.linear(x, self.qkv.weight[dim:], None if bias is None else bias[dim:])
+            k, v = kv.reshape(batch, tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             x = attn.softmax(dim=-1) @ v
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+        x = x.transpose(1, 2).reshape(batch, q.shape[2], dim)
+        return self.proj(x) if project else x
 
 
 class Mlp(nn.Module):
@@ -71,9 +88,37 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = Mlp(dim, config.intermediate_size, config.hidden_act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """With ``queries``, return only the first ``queries`` tokens (see :class:`Attention`)."""
+        y = self.attn(self.norm1(x), queries)
+        x = (x if queries is None else x[:, :queries]) + y
         return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """The 16×16 strided patch convolution, computed as one matrix product.
+
+    The weights keep the convolution's shape (so checkpoints map one to one), but the
+    patches are gathered with a strided view and multiplied in a single GEMM: with one
+    input channel, a convolution kernel wastes most of the GPU, a GEMM does not.
+    """
+
+    def __init__(self, config: ASTConfig) -> None:
+        super().__init__()
+        p = config.patch_size
+        self.patch_size = p
+        self.strides = (config.frequency_stride, config.time_stride)
+        self.grid = config.grid
+        self.weight = nn.Parameter(torch.empty(config.hidden_size, 1, p, p))
+        self.bias = nn.Parameter(torch.zeros(config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, F)`` → ``(B, patches, hidden)``, patches in frequency-major order."""
+        x = x.contiguous()
+        batch, frames, bins = x.shape
+        (fs, ts), (nf, nt), p = self.strides, self.grid, self.patch_size
+        patches = x.as_strided((batch, nf, nt, p, p), (frames * bins, fs, ts * bins, 1, bins))
+        return F.linear(patches.reshape(batch, nf * nt, p * p), self.weight.reshape(self.weight.shape[0], -1), self.bias)
 
 
 class ClassifierHead(nn.Module):
@@ -102,9 +147,7 @@ class AudioSpectrogramTransformer(nn.Module):
         super().__init__()
         self.config = config
         dim = config.hidden_size
-        self.patch_embed = nn.Conv2d(
-            1, dim, kernel_size=config.patch_size, stride=(config.frequency_stride, config.time_stride)
-        )
+        self.patch_embed = PatchEmbed(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 2, dim))
@@ -117,14 +160,23 @@ class AudioSpectrogramTransformer(nn.Module):
         for block in self.blocks:
             block.attn.fused_attn = enabled
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, T, F)`` features → ``(B, 2 + patches, hidden)`` normalised tokens."""
-        x = self.patch_embed(x.unsqueeze(1).transpose(2, 3)).flatten(2).transpose(1, 2)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, F)`` features → ``(B, 2 + patches, hidden)`` input tokens."""
+        x = self.patch_embed(x)
         batch = x.shape[0]
         x = torch.cat((self.cls_token.expand(batch, -1, -1), self.dist_token.expand(batch, -1, -1), x), dim=1)
-        x = x + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
+        return x + self.pos_embed
+
+    def forward_features(self, x: torch.Tensor, pooled_only: bool = False) -> torch.Tensor:
+        """``(B, T, F)`` features → ``(B, 2 + patches, hidden)`` normalised tokens.
+
+        With ``pooled_only`` just the two tokens the head reads, ``(B, 2, hidden)``; the
+        last layer then skips the other tokens' queries and MLP.
+        """
+        x = self.embed(x)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, POOLED_TOKENS if pooled_only and i == last else None)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -133,7 +185,7 @@ class AudioSpectrogramTransformer(nn.Module):
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x, pooled_only=True))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Scores in [0, 1]: independent sigmoids for multi-label heads, else a softmax."""
