@@ -64,7 +64,7 @@ def main() -> None:
         graphs = InferenceEngine(load_model(directory), "cuda", "bf16", max_batch=b)
         total = timed(lambda: graphs.score(windows), iters=20)
         t0 = time.perf_counter()
-        staged = graphs._pinned[:b]
+        staged = graphs._host_in[0][:b]
         for _ in range(20):
             torch.stack([w.features for w in windows], out=staged)
         stack = (time.perf_counter() - t0) / 20

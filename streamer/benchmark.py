@@ -33,6 +33,7 @@ GPU_BATCH_SIZES = (1, 8, 32, 64)
 CPU_BATCH_SIZES = (1, 2)
 HOP_SECONDS = 1.0
 TOP_K = 5
+SUSTAINED_BATCHES = 10
 
 
 def machine_name(device: torch.device) -> str:
@@ -96,10 +97,17 @@ def bench_ours(model_dir: Path, device: str, precision: str, batch_sizes, compil
     t0 = time.perf_counter()
     engine = InferenceEngine(load_model(model_dir), device, precision, max_batch=max(batch_sizes), compile=compile)
     ready = time.perf_counter() - t0
-    rows = [
-        _timed(lambda w=_windows(b): engine.score(w), b, _iters(engine.device, b), engine.device)
-        for b in batch_sizes
-    ]
+    rows = []
+    for b in batch_sizes:
+        windows = _windows(b)
+        row = _timed(lambda: engine.score(windows), b, _iters(engine.device, b), engine.device)
+        if engine.device.type == "cuda":  # back-to-back batches, copies overlapping compute
+            stream = windows * SUSTAINED_BATCHES
+            engine.score(stream)
+            t0 = time.perf_counter()
+            engine.score(stream)
+            row["sustained_windows_per_s"] = len(stream) / (time.perf_counter() - t0)
+        rows.append(row)
     return {"load_and_warmup_s": ready, "rows": rows, "device": engine.device}
 
 
@@ -219,9 +227,13 @@ def plan(device: str, include_transformers: bool, compile: bool) -> list[dict]:
     return specs
 
 
+def throughput(row: dict) -> float:
+    return row.get("sustained_windows_per_s", row["windows_per_s"])
+
+
 def streams_at_hop(rows: list[dict], hop_s: float = HOP_SECONDS) -> int:
     """Live streams one box sustains at this hop: the best throughput whose batch still fits in a hop."""
-    fits = [r["windows_per_s"] * hop_s for r in rows if r["latency_ms"] / 1000 <= hop_s]
+    fits = [throughput(r) * hop_s for r in rows if r["latency_ms"] / 1000 <= hop_s]
     return int(max(fits, default=0.0))
 
 
@@ -261,7 +273,7 @@ def run(device: str, out: Path, model: Path | None, audio: list[Path], include_t
 def format_table(report: dict) -> str:
     sizes = sorted({r["batch"] for res in report["results"] for r in res.get("rows", [])})
     lines = [f"{report['machine']} — torch {report['torch']}",
-             "| impl | precision | " + " | ".join(f"bs {b}: w/s (ms)" for b in sizes) + " | peak MiB | streams @1 s hop |",
+             "| impl | precision | " + " | ".join(f"bs {b}: w/s (ms/batch)" for b in sizes) + " | peak MiB | streams @1 s hop |",
              "|---|---|" + "---|" * len(sizes) + "---|---|"]
     for res in report["results"]:
         name = res["impl"] + (" +compile" if res.get("compile") else "")
@@ -269,7 +281,7 @@ def format_table(report: dict) -> str:
             lines.append(f"| {name} | {res['mode']} | error: {res['error'][:80]} |")
             continue
         by = {r["batch"]: r for r in res["rows"]}
-        cells = [f"{by[b]['windows_per_s']:.1f} ({by[b]['latency_ms']:.1f})" if b in by else "–" for b in sizes]
+        cells = [f"{throughput(by[b]):.1f} ({by[b]['latency_ms']:.1f})" if b in by else "–" for b in sizes]
         lines.append(f"| {name} | {res['mode']} | " + " | ".join(cells) + f" | {res['peak_mem_mib']:.0f} | {streams_at_hop(res['rows'])} |")
     acc = report.get("accuracy", {})
     if "precisions" in acc:
@@ -279,6 +291,8 @@ def format_table(report: dict) -> str:
                          f"batched vs single max |Δp| {a['batched_vs_single_max_abs_dp']:.2e}")
     elif acc:
         lines.append(f"\naccuracy: error: {acc.get('error')}")
+    lines.append("w/s: windows per second over back-to-back batches (ours pipelines copies with compute);"
+                 " ms: latency of one batch, host features in to host probabilities out")
     return "\n".join(lines)
 
 

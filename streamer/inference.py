@@ -15,9 +15,11 @@ offline ``detect`` command calls the same engine directly.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_WAIT_MS = 20.0
 GRAPH_WARMUP_RUNS = 3
+PIPELINE_DEPTH = 2  # batches in flight: one computing while the next is staged and copied
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,6 +82,16 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
         quantize_dynamic(model.blocks, {nn.Linear}, dtype=torch.qint8, inplace=True)
     return model
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A batch in flight: which staging slot it holds, and the event that marks it done."""
+
+    slot: int
+    count: int
+    done: torch.cuda.Event | None
+    started: float
 
 
 @dataclass
@@ -137,8 +150,17 @@ class InferenceEngine:
             # dynamic batch so one compilation serves every captured batch size.
             self._forward = torch.compile(self._probabilities, dynamic=True)
 
+        self._on_gpu = on_gpu
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self._pinned = torch.empty((max_batch, *shape), pin_memory=on_gpu)
+        # Two staging slots, so that one batch's copies overlap the other's compute.
+        labels = len(loaded.labels)
+        self._host_in = [torch.empty((max_batch, *shape), pin_memory=on_gpu) for _ in range(PIPELINE_DEPTH)]
+        self._host_out = [torch.empty((max_batch, labels), pin_memory=on_gpu) for _ in range(PIPELINE_DEPTH)]
+        self._dev_in = [torch.empty((max_batch, *shape), device=self.device) for _ in range(PIPELINE_DEPTH)] if on_gpu else []
+        self._free_slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for slot in range(PIPELINE_DEPTH):
+            self._free_slots.put(slot)
+        self._copy_stream = torch.cuda.Stream(self.device) if on_gpu else None
         self.batch_sizes = graph_batch_sizes(max_batch) if on_gpu and cuda_graphs else ()
         self.warm_up()
 
@@ -156,6 +178,8 @@ class InferenceEngine:
         with torch.inference_mode():
             if not self.batch_sizes:
                 self._forward(torch.zeros((1, *self._shape), device=self.device))
+                if self._on_gpu:
+                    torch.cuda.synchronize(self.device)
             for size in self.batch_sizes:
                 self._graphs[size] = self._capture(size)
         log.info(
@@ -177,44 +201,92 @@ class InferenceEngine:
             static_out = self._forward(static_in)
         return graph, static_in, static_out
 
-    @torch.inference_mode()
     def predict(self, features: torch.Tensor | Sequence[torch.Tensor]) -> np.ndarray:
-        """Probabilities ``(n, labels)`` for ``n`` normalised windows, in ``max_batch`` chunks."""
+        """Probabilities ``(n, labels)`` for ``n`` normalised windows, in ``max_batch`` chunks.
+
+        Chunks are pipelined: the next one is staged and copied while the last computes.
+        """
         count = len(features)
         out = np.empty((count, len(self.labels)), dtype=np.float32)
+        in_flight: deque[tuple[int, Pending]] = deque()
         for start in range(0, count, self.max_batch):
-            chunk = features[start:start + self.max_batch]
-            out[start:start + len(chunk)] = self._run(chunk)
+            if len(in_flight) == PIPELINE_DEPTH:
+                first, pending = in_flight.popleft()
+                out[first:first + pending.count] = self.collect(pending)
+            in_flight.append((start, self.submit(features[start:start + self.max_batch])))
+        for first, pending in in_flight:
+            out[first:first + pending.count] = self.collect(pending)
         return out
 
-    def _run(self, chunk: torch.Tensor | Sequence[torch.Tensor]) -> np.ndarray:
-        t0 = time.perf_counter()
+    @torch.inference_mode()
+    def submit(self, chunk: torch.Tensor | Sequence[torch.Tensor]) -> "Pending":
+        """Start scoring up to ``max_batch`` windows; :meth:`collect` returns the result.
+
+        At most ``PIPELINE_DEPTH`` batches may be in flight: a further submit waits for a
+        collect (from another thread) to free a staging slot.
+        """
         n = len(chunk)
+        if not 0 < n <= self.max_batch:
+            raise ValueError(f"a batch holds 1..{self.max_batch} windows, got {n}")
         shapes = {tuple(chunk.shape[1:])} if isinstance(chunk, torch.Tensor) else {tuple(c.shape) for c in chunk}
         if shapes != {self._shape}:
             raise ValueError(f"windows must be {self._shape} (frames, mel bins), got {sorted(shapes)}")
-        staged = self._pinned[:n]
-        if isinstance(chunk, torch.Tensor):
-            staged.copy_(chunk)
-        else:
-            torch.stack(list(chunk), out=staged)
+        t0 = time.perf_counter()
+        slot = self._free_slots.get()
+        try:
+            staged = self._host_in[slot][:n]
+            if isinstance(chunk, torch.Tensor):
+                staged.copy_(chunk)
+            else:
+                torch.stack(list(chunk), out=staged)
+            done = self._launch(slot, staged)
+        except BaseException:
+            self._free_slots.put(slot)
+            raise
+        self.stats.batches += 1
+        self.stats.windows += n
+        return Pending(slot, n, done, t0)
+
+    def _launch(self, slot: int, staged: torch.Tensor) -> torch.cuda.Event | None:
+        n = staged.shape[0]
+        host_out = self._host_out[slot][:n]
+        if not self._on_gpu:
+            if self.precision == "int8":
+                # Dynamic quantisation scales each Linear input by its whole tensor's range, so
+                # a window's result would depend on its batch-mates: score each on its own.
+                host_out.copy_(torch.cat([self._forward(staged[i:i + 1]) for i in range(n)]))
+            else:
+                host_out.copy_(self._forward(staged))
+            return None
+        dev = self._dev_in[slot][:n]
+        with torch.cuda.stream(self._copy_stream):
+            dev.copy_(staged, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self._copy_stream)
         if self.batch_sizes:
             size = next(s for s in self.batch_sizes if s >= n)
             graph, static_in, static_out = self._graphs[size]
-            static_in[:n].copy_(staged, non_blocking=True)
+            static_in[:n].copy_(dev)
             graph.replay()
-            probs = static_out[:n].cpu()
+            out = static_out[:n]
             self.stats.padded += size - n
-        elif self.precision == "int8":
-            # Dynamic quantisation scales each Linear input by its whole tensor's range, so a
-            # window's result would depend on its batch-mates: score each window on its own.
-            probs = torch.cat([self._forward(staged[i:i + 1]) for i in range(n)])
         else:
-            probs = self._forward(staged.to(self.device, non_blocking=True)).cpu()
-        self.stats.batches += 1
-        self.stats.windows += n
-        self.stats.seconds += time.perf_counter() - t0
-        return probs.numpy()
+            out = self._forward(dev)
+        host_out.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(compute)
+        return done
+
+    def collect(self, pending: "Pending") -> np.ndarray:
+        """Wait for a submitted batch; its probabilities ``(n, labels)``."""
+        try:
+            if pending.done is not None:
+                pending.done.synchronize()
+            result = self._host_out[pending.slot][: pending.count].numpy().copy()
+        finally:
+            self._free_slots.put(pending.slot)
+        self.stats.seconds += time.perf_counter() - pending.started
+        return result
 
     def score(self, windows: Sequence[Window]) -> np.ndarray:
         """Probabilities for a list of windows, in their order."""
@@ -276,8 +348,11 @@ class InferenceWorker:
             self._cond.notify()
 
     def start(self) -> "InferenceWorker":
+        self._handoff: queue.Queue = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self._delivery = threading.Thread(target=self._deliver_loop, name="inference-results", daemon=True)
         self._thread.start()
+        self._delivery.start()
         return self
 
     def submit(self, window: Window) -> None:
@@ -302,6 +377,7 @@ class InferenceWorker:
             self._cond.notify()
         if self._thread:
             self._thread.join(timeout)
+            self._delivery.join(timeout)
 
     def _take_batch(self) -> list[tuple[Window, float]] | None:
         with self._cond:
@@ -320,17 +396,31 @@ class InferenceWorker:
             return [self._pending.pop(n) for n in names]
 
     def _loop(self) -> None:
-        while (batch := self._take_batch()) is not None:
-            windows = [w for w, _ in batch]
+        """Batch and submit; the next batch is staged while the delivery thread waits for the last."""
+        try:
+            while (batch := self._take_batch()) is not None:
+                try:
+                    pending = self.engine.submit([w.features for w, _ in batch])
+                except Exception:  # keep serving the other streams; the loss is logged and counted
+                    log.exception("inference failed for %d windows", len(batch))
+                    self.stats.failed += len(batch)
+                    continue
+                self._handoff.put((batch, pending))
+        finally:
+            self._handoff.put(None)
+
+    def _deliver_loop(self) -> None:
+        while (item := self._handoff.get()) is not None:
+            batch, pending = item
             try:
-                probs = self.engine.score(windows)
-            except Exception:  # keep serving the other streams; the loss is logged and counted
-                log.exception("inference failed for %d windows", len(windows))
-                self.stats.failed += len(windows)
+                probs = self.engine.collect(pending)
+            except Exception:
+                log.exception("inference failed for %d windows", len(batch))
+                self.stats.failed += len(batch)
                 continue
             done = time.monotonic()
             self.last_progress = done
-            self.stats.processed += len(windows)
+            self.stats.processed += len(batch)
             for (window, submitted), row in zip(batch, probs):
                 try:
                     self.on_result(Result(window, row, done - submitted))

@@ -58,6 +58,7 @@ def test_fp32_engine_equals_the_model_and_batching_does_not_change_results(tiny_
         expected = hf(torch.stack(feats)).logits.sigmoid().numpy()
     assert np.abs(batched - expected).max() <= 1e-4
     assert engine.stats.windows == 14 and engine.stats.batches == 2 + 7
+    assert engine._free_slots.qsize() == 2  # every staging slot came back
 
 
 def test_int8_is_close_to_fp32_and_batch_independent(tiny_checkpoint):
@@ -101,12 +102,13 @@ class SlowEngine:
 
     def __init__(self, engine: InferenceEngine, delay_s: float) -> None:
         self.engine, self.delay_s, self.max_batch = engine, delay_s, engine.max_batch
-        self.batches: list[list[str]] = []
 
-    def score(self, windows):
-        self.batches.append([w.stream for w in windows])
+    def submit(self, features):
         time.sleep(self.delay_s)
-        return self.engine.score(windows)
+        return self.engine.submit(features)
+
+    def collect(self, pending):
+        return self.engine.collect(pending)
 
 
 def test_worker_batches_all_streams_and_delivers_every_result(tiny_checkpoint):
