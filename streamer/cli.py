@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     labels = sub.add_parser("labels", help="list the labels a model can detect")
     labels.add_argument("search", nargs="?", default="", help="show only labels containing this text")
     labels.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    sub.add_parser("devices", help="list audio input devices (microphones)")
+
+    record = sub.add_parser("record", help="record a source to an audio file (16 kHz mono), e.g. to collect clips")
+    record.add_argument("source", help="mic, mic:DEVICE, file:PATH, a URL (rtsp://, http://…) or ffmpeg:URL")
+    record.add_argument("out", type=Path, help="output file (.wav or .flac)")
+    record.add_argument("--seconds", type=float, default=5.0, help="how long to record (default 5)")
+    record.add_argument("--channels", type=_positive_int, help="mic: channels to open (default: the device's, at most 2), mixed to mono")
+    record.add_argument("--channel", type=int, help="mic: record only this channel (0-based) instead of the mix")
+
     bench = sub.add_parser("bench", help="measure inference speed and accuracy against transformers")
     bench.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     bench.add_argument("--model", type=Path, help="checkpoint directory (default: random full-size 10-10 weights)")
@@ -64,6 +73,62 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true", help="also measure bf16 with torch.compile (GPU)")
     bench.add_argument("--threads", type=_positive_int, help="CPU threads")
     return parser
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from streamer.capture.sources import input_devices
+
+    devices = input_devices()
+    if not devices:
+        print("no audio input devices found: plug in a microphone, or use a file or ffmpeg (RTSP/HTTP) source")
+        return 0
+    print("index\tchannels\trate\thost API\tname")
+    for d in devices:
+        print(f"{d.index}\t{d.channels}\t{d.default_rate:.0f}\t{d.host_api}\t{d.name}")
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+    import soundfile as sf
+
+    from streamer.capture.sources import MicSource
+    from streamer.constants import SAMPLE_RATE_HZ
+    from streamer.streams import source_from_spec
+
+    if args.seconds <= 0:
+        raise StreamerError(f"--seconds must be positive, got {args.seconds}")
+    if args.out.suffix.lower() not in (".wav", ".flac"):
+        raise StreamerError(f"{args.out}: give a .wav or .flac output file")
+    mic = {"channels": args.channels, "channel": args.channel} if args.source.split(":")[0] == "mic" else {}
+    source = source_from_spec(args.source, ring_seconds=max(10.0, args.seconds + 5), **mic)
+    if isinstance(source, MicSource):
+        source.open_check()
+    wanted = int(args.seconds * SAMPLE_RATE_HZ)
+    parts, have = [], 0
+    source.start()
+    try:
+        while have < wanted:
+            _, samples = source.ring.read(wanted - have)
+            if len(samples):
+                parts.append(samples)
+                have += len(samples)
+            elif source.finished:
+                break
+            else:
+                time.sleep(0.02)
+    finally:
+        source.stop()
+    if source.error and not have:
+        raise StreamerError(f"source {source.name}: {source.error}")
+    audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+    sf.write(str(args.out), audio, SAMPLE_RATE_HZ, subtype="FLOAT" if args.out.suffix.lower() == ".wav" else "PCM_24")
+    lost = getattr(source, "lost", source.ring.lost)
+    print(f"recorded {len(audio) / SAMPLE_RATE_HZ:.2f} s from {source.describe()} to {args.out} "
+          f"(overflows {source.stats.overflows}, lost samples {lost})", file=sys.stderr)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -77,7 +142,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from streamer.detect import save_scores, score_file, top_labels
     from streamer.inference import InferenceEngine
     from streamer.model import load_model
-    from streamer.model.config import SAMPLE_RATE_HZ
+    from streamer.constants import SAMPLE_RATE_HZ
 
     if args.scores_out and not args.scores_out.parent.is_dir():
         raise StreamerError(f"{args.scores_out}: the directory {args.scores_out.parent} does not exist")
@@ -110,7 +175,9 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"detect": cmd_detect, "labels": cmd_labels, "bench": cmd_bench}
+COMMANDS = {
+    "detect": cmd_detect, "labels": cmd_labels, "bench": cmd_bench, "devices": cmd_devices, "record": cmd_record,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

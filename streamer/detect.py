@@ -17,7 +17,7 @@ import numpy as np
 from streamer.capture.files import iter_audio
 from streamer.frontend import FRAME_SHIFT
 from streamer.inference import InferenceEngine
-from streamer.model.config import SAMPLE_RATE_HZ
+from streamer.constants import SAMPLE_RATE_HZ
 from streamer.scheduler import StreamWindows, Window
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torchaudio.compliance.kaldi as kaldi
 
-from streamer.model.config import SAMPLE_RATE_HZ, FeatureConfig
+from streamer.constants import SAMPLE_RATE_HZ
+from streamer.model.config import FeatureConfig
 
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0

@@ -355,16 +355,22 @@ class InferenceWorker:
         self._delivery.start()
         return self
 
-    def submit(self, window: Window) -> None:
-        """Queue a window; replaces (and counts as skipped) the stream's pending one."""
+    def submit(self, window: Window, block: bool = False) -> None:
+        """Queue a window; replaces (and counts as skipped) the stream's pending one.
+
+        With ``block`` (sources that can wait, such as files read as fast as possible) it
+        waits for the stream's pending window to be taken instead, so nothing is skipped.
+        """
         with self._cond:
+            while block and window.stream in self._pending and not self._stopping:
+                self._cond.wait(0.1)
             self.stats.submitted += 1
             if window.stream in self._pending:
                 self.stats.skipped += 1
                 self._pending[window.stream] = (window, self._pending[window.stream][1])
             else:
                 self._pending[window.stream] = (window, time.monotonic())
-            self._cond.notify()
+            self._cond.notify_all()
 
     def pending(self) -> int:
         with self._cond:
@@ -393,7 +399,9 @@ class InferenceWorker:
                     break
                 self._cond.wait(remaining)
             names = sorted(self._pending, key=lambda n: self._pending[n][1])[: self.engine.max_batch]
-            return [self._pending.pop(n) for n in names]
+            batch = [self._pending.pop(n) for n in names]
+            self._cond.notify_all()  # blocked submitters may go on
+            return batch
 
     def _loop(self) -> None:
         """Batch and submit; the next batch is staged while the delivery thread waits for the last."""

@@ -10,13 +10,17 @@ live daemon share this class, so both see the same windows at the same sample po
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from streamer.frontend import FRAME_SHIFT, Frontend, pad_value
+from streamer.frontend import FRAME_SHIFT, Frontend, pad_value, window_samples
 from streamer.model.config import FeatureConfig
+
+
+Clock = Callable[[int], "float | None"]  # stream sample → wall-clock time
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,9 @@ class WindowScheduler:
         self._ring = torch.empty(2 * max_length, num_mel_bins)
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, first_sample: int = 0) -> None:
+        """Start afresh; the next frame begins at stream sample ``first_sample``."""
+        self.first_sample = first_sample
         self.frames_total = 0
         self.windows_emitted = 0
 
@@ -51,8 +57,11 @@ class WindowScheduler:
         """Frame count at which the next window is complete."""
         return self.max_length + self.windows_emitted * self.hop_frames
 
-    def push(self, frames: torch.Tensor, wall_time: float | None = None) -> list[Window]:
-        """Store new frames; return the windows they complete, oldest first."""
+    def push(self, frames: torch.Tensor, clock: Clock | None = None) -> list[Window]:
+        """Store new frames; return the windows they complete, oldest first.
+
+        ``clock(sample)`` gives the wall-clock time of a stream sample, when known.
+        """
         windows: list[Window] = []
         done = 0
         n = frames.shape[0]
@@ -61,7 +70,7 @@ class WindowScheduler:
             self._store(frames[done:done + take])
             done += take
             if self.frames_total == self._next_due():
-                windows.append(self._emit(wall_time))
+                windows.append(self._emit(clock))
         return windows
 
     def _store(self, frames: torch.Tensor) -> None:
@@ -74,16 +83,16 @@ class WindowScheduler:
                 self._ring[offset:offset + k - first] = frames[first:]
         self.frames_total += k
 
-    def _emit(self, wall_time: float | None) -> Window:
-        start_frame = self.frames_total - self.max_length
+    def _emit(self, clock: Clock | None) -> Window:
+        start = self.first_sample + (self.frames_total - self.max_length) * FRAME_SHIFT
         pos = self.frames_total % self.max_length
         self.windows_emitted += 1
         return Window(
             stream=self.stream,
-            start_sample=start_frame * FRAME_SHIFT,
+            start_sample=start,
             features=self._ring[pos:pos + self.max_length].clone(),
             frames=self.max_length,
-            wall_time=wall_time,
+            wall_time=clock(start + window_samples(self.max_length) - 1) if clock else None,
         )
 
     def finish(self) -> list[Window]:
@@ -93,24 +102,38 @@ class WindowScheduler:
         features = torch.full_like(self._ring[: self.max_length], self.pad_value)
         features[: self.frames_total] = self._ring[: self.frames_total]
         self.windows_emitted += 1
-        return [Window(self.stream, 0, features, self.frames_total)]
+        return [Window(self.stream, self.first_sample, features, self.frames_total)]
 
 
 class StreamWindows:
-    """One stream's whole path from samples to windows: incremental frontend + scheduler."""
+    """One stream's whole path from samples to windows: incremental frontend + scheduler.
+
+    Samples are placed on the stream's timeline: ``push`` takes the position of its first
+    sample, and a gap (audio lost to an overrun, a source restart) restarts the frontend
+    and the window at the new position, so every window's ``start_sample`` stays exact.
+    """
 
     def __init__(self, stream: str, features: FeatureConfig, hop_frames: int) -> None:
         self.frontend = Frontend(features)
         self.scheduler = WindowScheduler(
             stream, features.max_length, features.num_mel_bins, hop_frames, pad_value(features)
         )
+        self.gaps = 0
+        self._next = 0
 
-    def push(self, samples: np.ndarray, wall_time: float | None = None) -> list[Window]:
-        return self.scheduler.push(self.frontend.push(samples), wall_time)
+    def push(self, samples: np.ndarray, position: int | None = None, clock: Clock | None = None) -> list[Window]:
+        windows: list[Window] = []
+        if position is not None and position != self._next:
+            windows = self.scheduler.finish()  # a stream cut short still gets its padded window
+            self.gaps += 1
+            self.reset(position)
+        self._next += len(samples)
+        return windows + self.scheduler.push(self.frontend.push(samples), clock)
 
     def finish(self) -> list[Window]:
         return self.scheduler.finish()
 
-    def reset(self) -> None:
+    def reset(self, position: int = 0) -> None:
         self.frontend.reset()
-        self.scheduler.reset()
+        self.scheduler.reset(position)
+        self._next = position

@@ -15,7 +15,7 @@ import soundfile as sf
 
 from streamer.capture.resample import StreamingResampler
 from streamer.errors import AudioError
-from streamer.model.config import SAMPLE_RATE_HZ
+from streamer.constants import SAMPLE_RATE_HZ
 
 BLOCK_SECONDS = 10.0
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamer.constants import SAMPLE_RATE_HZ
 from streamer.errors import CheckpointError
 
 AST_MODEL_TYPE = "audio-spectrogram-transformer"
@@ -21,7 +22,6 @@ AST_MODEL_TYPE = "audio-spectrogram-transformer"
 # AudioSet statistics of the Kaldi log-mel features; ASTFeatureExtractor's defaults.
 AUDIOSET_MEAN = -4.2677393
 AUDIOSET_STD = 4.5689974
-SAMPLE_RATE_HZ = 16_000
 
 # Without an explicit problem_type, a head this wide is taken as multi-label (AudioSet
 # has 527 labels, FSD50K 200); narrower heads (Speech Commands 35, ESC-50 50) as
