@@ -368,3 +368,25 @@ def test_missing_microphone_is_one_clear_line(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("streamer: error:")
     assert "file or ffmpeg source" in result.stderr or "streamer devices" in result.stderr
+
+
+def test_several_streams_in_one_process_each_with_its_own_timeline(tmp_path):
+    rng = np.random.default_rng(5)
+    features = FeatureConfig(max_length=64)
+    sources, expected = [], {}
+    for i, seconds in enumerate((3, 4, 5)):
+        samples = rng.uniform(-0.3, 0.3, 16000 * seconds).astype(np.float32)
+        path = write_wav(tmp_path / f"s{i}.wav", samples)
+        sources.append(FileSource(f"s{i}", path, realtime=False))
+        offline = StreamWindows(f"s{i}", features, 30)
+        expected[f"s{i}"] = offline.push(samples) + offline.finish()
+    got: dict[str, list] = {s.name: [] for s in sources}
+    readers = [StreamReader(s, features, 30, lambda w: got[w.stream].append(w)) for s in sources]
+    for s, r in zip(sources, readers):
+        s.start()
+        r.start()
+    for r in readers:
+        assert r.done.wait(30)
+    for name, windows in got.items():
+        assert [w.start_sample for w in windows] == [w.start_sample for w in expected[name]]
+        assert all((a.features - b.features).abs().max().item() <= 1e-5 for a, b in zip(windows, expected[name]))

@@ -54,6 +54,16 @@ def test_synthetic_edge_cases_match_reference(name, samples):
     assert np.abs(clip_features(samples, FEATURES).numpy() - reference(samples)).max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("scale", [0.5, 1e-3, 0.0])
+@pytest.mark.parametrize("bins", [128, 64])
+def test_log_mel_equals_torchaudio_kaldi_fbank(scale, bins):
+    import torchaudio.compliance.kaldi as kaldi
+
+    x = torch.randn(30000, generator=torch.Generator().manual_seed(9)) * scale
+    expected = kaldi.fbank(x[None], window_type="hanning", num_mel_bins=bins, dither=0.0)
+    assert (log_mel(x, bins) - expected).abs().max().item() <= 1e-5
+
+
 def test_clip_shorter_than_one_frame_is_all_padding():
     """Under 25 ms there is no frame: the reference raises, we give a window of zero frames
     right-padded and normalised, exactly what the reference makes of zero frames."""
