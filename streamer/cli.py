@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--hop", type=_hop, default=100, metavar="SECONDS", help="window hop in seconds, a multiple of 0.01 (default 1)")
     detect.add_argument("--top-k", type=_positive_int, default=3, metavar="K", help="labels printed per window (default 3)")
     detect.add_argument("--scores-out", type=Path, metavar="FILE.npz", help="write every window's scores to an .npz")
+    detect.add_argument("--events-out", type=Path, metavar="FILE.jsonl", help="write ON/OFF events, one JSON object a line")
+    detect.add_argument("--config", type=Path, metavar="FILE.yaml", help="take event settings from this config's detect section")
     detect.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto: a GPU if there is one)")
     detect.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"], help="inference precision (default fp32; int8 is CPU only)")
     detect.add_argument("--batch", type=_positive_int, default=8, help="windows per forward pass (default 8)")
@@ -139,18 +141,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from streamer.detect import save_scores, score_file, top_labels
+    from streamer.detect import save_events, save_scores, score_file, stream_name, top_labels
+    from streamer.events import DetectSettings, EventSmoother
+    from streamer.frontend import window_samples
     from streamer.inference import InferenceEngine
     from streamer.model import load_model
     from streamer.constants import SAMPLE_RATE_HZ
 
-    if args.scores_out and not args.scores_out.parent.is_dir():
-        raise StreamerError(f"{args.scores_out}: the directory {args.scores_out.parent} does not exist")
+    for out in (args.scores_out, args.events_out):
+        if out and not out.parent.is_dir():
+            raise StreamerError(f"{out}: the directory {out.parent} does not exist")
     engine = InferenceEngine(
         load_model(args.model), device=args.device, precision=args.precision, max_batch=args.batch, threads=args.threads
     )
     labels = engine.labels
 
+    settings = load_detect_settings(args.config) if args.config else DetectSettings()
+    targets = settings.targets(labels) if args.events_out else []
     results = []
     for path in args.audio:
         def show(windows, probs, path=path):
@@ -158,11 +165,31 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 top = ", ".join(f"{name} {p:.2f}" for name, p in top_labels(row, labels, args.top_k))
                 print(f"{path}\t{window.start_sample / SAMPLE_RATE_HZ:8.2f}s\t{top}", flush=True)
 
-        results.append(score_file(path, engine, args.hop, on_batch=show))
+        smoother = EventSmoother(stream_name(path), labels, targets, window_samples(engine.loaded.features.max_length)) if args.events_out else None
+        results.append(score_file(path, engine, args.hop, on_batch=show, smoother=smoother))
+    if args.events_out:
+        save_events(args.events_out, results)
     if args.scores_out:
         save_scores(args.scores_out, results, labels)
         log.info("wrote %s", args.scores_out)
     return 0
+
+
+def load_detect_settings(path: Path):
+    """The ``detect`` section of a YAML config file (or a file holding only that section)."""
+    import yaml
+
+    from streamer.events import DetectSettings
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StreamerError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise StreamerError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+    if isinstance(raw, dict) and "detect" in raw:
+        raw = raw["detect"]
+    return DetectSettings.from_dict(raw, where=f"{path}: detect")
 
 
 def cmd_labels(args: argparse.Namespace) -> int:

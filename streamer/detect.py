@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from streamer.capture.files import iter_audio
 from streamer.frontend import FRAME_SHIFT
+from streamer.events import Event, EventSmoother
 from streamer.inference import InferenceEngine
 from streamer.constants import SAMPLE_RATE_HZ
 from streamer.scheduler import StreamWindows, Window
@@ -30,6 +32,7 @@ class FileScores:
     path: str
     start_sample: np.ndarray  # int64 (windows,)
     scores: np.ndarray  # float32 (windows, labels)
+    events: list[Event] = field(default_factory=list)
 
 
 def hop_to_frames(hop_seconds: float) -> int:
@@ -51,9 +54,15 @@ def score_file(
     engine: InferenceEngine,
     hop_frames: int,
     on_batch: Callable[[list[Window], np.ndarray], None] | None = None,
+    smoother: EventSmoother | None = None,
 ) -> FileScores:
-    """Slide windows over one file and score them in batches of the engine's size."""
-    stream = StreamWindows(str(path), engine.loaded.features, hop_frames)
+    """Slide windows over one file and score them in batches of the engine's size.
+
+    With a ``smoother``, its events are collected in ``FileScores.events`` (open ones
+    closed at the end of the file, as a live stream that ends would close them).
+    """
+    stream = StreamWindows(stream_name(path), engine.loaded.features, hop_frames)
+    events: list[Event] = []
     starts: list[int] = []
     scores: list[np.ndarray] = []
     pending: list[Window] = []
@@ -62,6 +71,9 @@ def score_file(
         probs = engine.score(pending)
         starts.extend(w.start_sample for w in pending)
         scores.append(probs)
+        if smoother is not None:
+            for window, row in zip(pending, probs):
+                events.extend(smoother.update(window.start_sample, row, window.wall_time))
         if on_batch:
             on_batch(list(pending), probs)
         pending.clear()
@@ -72,12 +84,28 @@ def score_file(
             flush()
     if pending:
         flush()
+    if smoother is not None:
+        events.extend(smoother.close_all("stream-end"))
     labels = len(engine.labels)
     return FileScores(
         path=str(path),
         start_sample=np.asarray(starts, dtype=np.int64),
         scores=np.concatenate(scores) if scores else np.zeros((0, labels), dtype=np.float32),
+        events=events,
     )
+
+
+def stream_name(path: str | Path) -> str:
+    """A file's stream name: its stem, as a daemon's file source would be named by default."""
+    return Path(path).stem
+
+
+def save_events(path: Path, results: list[FileScores]) -> None:
+    """``--events-out``: one JSON object per ON and per OFF, in order, with the file it came from."""
+    with open(path, "w", encoding="utf-8") as out:
+        for result in results:
+            for event in result.events:
+                out.write(json.dumps({**event.as_dict(), "file": result.path}) + "\n")
 
 
 def top_labels(probs: np.ndarray, labels: tuple[str, ...], k: int) -> list[tuple[str, float]]:

@@ -1,0 +1,358 @@
+"""From window scores to discrete events: smoothing, hysteresis, minimum duration, hold.
+
+Per stream and per *target* — one label, or a named group of labels scored as their max
+or noisy-or — the smoother keeps the raw score and a causally smoothed one (EMA or a
+running median of the last N windows), and turns the smoothed score into ON/OFF events:
+ON once it has stayed at or above ``on_threshold`` for ``min_on`` seconds, OFF once it has
+stayed below ``off_threshold`` for ``hold`` seconds, and no new ON within ``cooldown``
+seconds of an OFF.
+
+All timing is on the audio's own timeline (sample positions), never the wall clock, so a
+file processed as fast as possible gives exactly the events the same audio gives live.
+A window's score is placed at its end (the newest audio it holds): an event starts where
+the first window above threshold began to differ from the one before (its last hop), and
+ends where the first window below threshold starts (the sound has left it).
+
+The state is arrays over targets, updated with numpy, so thousands of targets per window
+cost little; only the rare ON/OFF transitions are Python objects.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from streamer.constants import SAMPLE_RATE_HZ
+from streamer.errors import StreamerError
+
+log = logging.getLogger(__name__)
+
+COMBINE = ("max", "noisy_or")
+SMOOTHING = ("none", "ema", "median")
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    """The knobs of one target; the defaults apply where a target overrides nothing."""
+
+    on_threshold: float = 0.5
+    off_threshold: float = 0.35
+    min_on: float = 0.0  # seconds of audio the smoothed score must stay ≥ on_threshold
+    hold: float = 2.0  # seconds it must stay < off_threshold before OFF
+    cooldown: float = 0.0  # seconds after an OFF before the same target may fire again
+    smoothing: str = "ema"
+    ema_alpha: float = 0.5  # weight of the newest window in the EMA
+    median_windows: int = 3
+    combine: str = "max"  # how a group's labels make one score
+
+    def check(self, where: str) -> None:
+        for key in ("on_threshold", "off_threshold"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise StreamerError(f"{where}: {key}={value} is outside 0..1")
+        if self.off_threshold > self.on_threshold:
+            raise StreamerError(f"{where}: off_threshold {self.off_threshold} is above on_threshold {self.on_threshold}")
+        for key in ("min_on", "hold", "cooldown"):
+            if getattr(self, key) < 0:
+                raise StreamerError(f"{where}: {key} must not be negative")
+        if self.smoothing not in SMOOTHING:
+            raise StreamerError(f"{where}: smoothing must be one of {', '.join(SMOOTHING)}")
+        if not 0.0 < self.ema_alpha <= 1.0:
+            raise StreamerError(f"{where}: ema_alpha must be in (0, 1]")
+        if self.median_windows < 1:
+            raise StreamerError(f"{where}: median_windows must be at least 1")
+        if self.combine not in COMBINE:
+            raise StreamerError(f"{where}: combine must be one of {', '.join(COMBINE)}")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    labels: tuple[str, ...]
+    settings: TargetSettings
+
+
+@dataclass(frozen=True)
+class DetectSettings:
+    """The ``detect`` section: defaults, groups, which labels are targets, per-target overrides."""
+
+    defaults: TargetSettings = field(default_factory=TargetSettings)
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    include: tuple[str, ...] = ("*",)  # label patterns (fnmatch, case-insensitive) that are targets
+    exclude: tuple[str, ...] = ()
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, where: str = "detect") -> "DetectSettings":
+        """Build from the ``detect`` section of the config (already parsed YAML)."""
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise StreamerError(f"{where}: expected a mapping")
+        _known(raw, {"defaults", "groups", "include", "exclude", "targets"}, where)
+        knobs = set(TargetSettings.__dataclass_fields__)
+        defaults_raw = raw.get("defaults") or {}
+        if not isinstance(defaults_raw, dict):
+            raise StreamerError(f"{where}.defaults: expected a mapping")
+        _known(defaults_raw, knobs, f"{where}.defaults")
+        defaults = replace(TargetSettings(), **defaults_raw)
+        defaults.check(f"{where}.defaults")
+        groups: dict[str, tuple[str, ...]] = {}
+        overrides: dict[str, dict[str, Any]] = {}
+        for name, spec in (raw.get("groups") or {}).items():
+            if isinstance(spec, dict):
+                _known(spec, {"labels", "combine"}, f"{where}.groups.{name}")
+                members, combine = spec.get("labels"), spec.get("combine")
+                if combine is not None:
+                    overrides.setdefault(str(name), {})["combine"] = combine
+            else:
+                members = spec
+            if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+                raise StreamerError(f"{where}.groups.{name}: expected a non-empty list of label names")
+            groups[str(name)] = tuple(members)
+        for name, spec in (raw.get("targets") or {}).items():
+            if not isinstance(spec, dict):
+                raise StreamerError(f"{where}.targets.{name}: expected a mapping of settings")
+            _known(spec, knobs, f"{where}.targets.{name}")
+            overrides.setdefault(str(name), {}).update(spec)
+        patterns = {}
+        for key, default in (("include", ("*",)), ("exclude", ())):
+            value = raw.get(key, list(default))
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise StreamerError(f"{where}.{key}: expected a list of label patterns")
+            patterns[key] = tuple(value)
+        return cls(defaults=defaults, groups=groups, overrides=overrides, **patterns)
+
+    def targets(self, labels: tuple[str, ...]) -> list[Target]:
+        """Groups first, then every label matched by include and not by exclude."""
+        known = set(labels)
+        out: list[Target] = []
+        for name, members in self.groups.items():
+            unknown = [m for m in members if m not in known]
+            if unknown:
+                raise StreamerError(f"detect.groups.{name}: the model has no label {unknown[0]!r} (see `streamer labels`)")
+            out.append(Target(name, tuple(members), self._settings(name)))
+        group_names = set(self.groups)
+        for label in labels:
+            if label in group_names:
+                continue
+            if _matches(label, self.include) and not _matches(label, self.exclude):
+                out.append(Target(label, (label,), self._settings(label)))
+        for name in self.overrides:
+            if name not in {t.name for t in out}:
+                raise StreamerError(f"detect.targets.{name}: no such target (not a group, or an excluded/unknown label)")
+        return out
+
+    def _settings(self, name: str) -> TargetSettings:
+        settings = replace(self.defaults, **self.overrides.get(name, {}))
+        settings.check(f"detect.targets.{name}" if name in self.overrides else "detect.defaults")
+        return settings
+
+
+def _known(raw: dict, allowed: set[str], where: str) -> None:
+    import difflib
+
+    for key in raw:
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise StreamerError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _matches(label: str, patterns: tuple[str, ...]) -> bool:
+    folded = label.casefold()
+    return any(fnmatch.fnmatchcase(folded, p.casefold()) for p in patterns)
+
+
+def slug(name: str) -> str:
+    """A topic- and id-safe form of a target or stream name."""
+    return re.sub(r"[^a-z0-9]+", "_", name.casefold()).strip("_") or "x"
+
+
+@dataclass(frozen=True)
+class Event:
+    """An ON or OFF transition of one target on one stream."""
+
+    id: str
+    stream: str
+    target: str
+    state: str  # "ON" or "OFF"
+    labels: tuple[str, ...]  # the labels that drove it, strongest first
+    start_sample: int
+    end_sample: int | None  # None while the event is open
+    start_time: float | None  # wall clock, when the stream has one
+    end_time: float | None
+    peak: float
+    mean: float
+    closed_by: str | None = None  # OFF only: "audio", "shutdown" or "stream-end"
+
+    @property
+    def start_s(self) -> float:
+        return self.start_sample / SAMPLE_RATE_HZ
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "stream": self.stream, "target": self.target, "state": self.state,
+            "labels": list(self.labels), "start_sample": self.start_sample, "end_sample": self.end_sample,
+            "start_s": round(self.start_sample / SAMPLE_RATE_HZ, 3),
+            "end_s": None if self.end_sample is None else round(self.end_sample / SAMPLE_RATE_HZ, 3),
+            "start_time": self.start_time, "end_time": self.end_time,
+            "peak": round(self.peak, 4), "mean": round(self.mean, 4), "closed_by": self.closed_by,
+        }
+
+
+class EventSmoother:
+    """One stream's targets: ``update`` with each window's probabilities, get ON/OFF events."""
+
+    def __init__(self, stream: str, labels: tuple[str, ...], targets: list[Target], window_samples: int) -> None:
+        self.stream = stream
+        self.labels = labels
+        self.targets = targets
+        self.window_samples = window_samples
+        index = {label: i for i, label in enumerate(labels)}
+        width = max((len(t.labels) for t in targets), default=1)
+        self._members = np.full((len(targets), width), len(labels), dtype=np.int64)  # padding → a zero column
+        for row, target in enumerate(targets):
+            self._members[row, : len(target.labels)] = [index[label] for label in target.labels]
+        s = [t.settings for t in targets]
+        self._noisy_or = np.array([x.combine == "noisy_or" for x in s])
+        self._on = np.array([x.on_threshold for x in s])
+        self._off = np.array([x.off_threshold for x in s])
+        self._min_on = np.array([x.min_on * SAMPLE_RATE_HZ for x in s])
+        self._hold = np.array([x.hold * SAMPLE_RATE_HZ for x in s])
+        self._cooldown = np.array([x.cooldown * SAMPLE_RATE_HZ for x in s])
+        self._alpha = np.array([x.ema_alpha if x.smoothing == "ema" else 1.0 for x in s])
+        self._median = np.array([x.median_windows if x.smoothing == "median" else 1 for x in s])
+        self._history = np.zeros((int(self._median.max(initial=1)), len(targets)))
+        self.reset()
+
+    def reset(self) -> None:
+        n = len(self.targets)
+        self.raw = np.zeros(n)
+        self.smoothed = np.zeros(n)
+        self.windows = 0
+        self._history[:] = 0.0
+        self.active = np.zeros(n, dtype=bool)
+        self._above_since = np.full(n, -1, dtype=np.int64)  # start of the current run ≥ on (as an event start)
+        self._below_since = np.full(n, -1, dtype=np.int64)  # start of the current run < off (as an event end)
+        self._below_at = np.full(n, -1, dtype=np.int64)  # score position where that run began
+        self._above_at = np.full(n, -1, dtype=np.int64)
+        self._ready_at = np.zeros(n, dtype=np.int64)  # cooldown: no ON before this position
+        self._peak = np.zeros(n)
+        self._sum = np.zeros(n)
+        self._count = np.zeros(n, dtype=np.int64)
+        self._start = np.zeros(n, dtype=np.int64)
+        self._start_wall: dict[int, float | None] = {}
+        self._drivers: dict[int, tuple[str, ...]] = {}
+        self._last_end = 0
+        self._last_wall: float | None = None
+
+    def target_scores(self, probs: np.ndarray) -> np.ndarray:
+        padded = np.append(probs.astype(np.float64), 0.0)[self._members]
+        maxed = padded.max(axis=1)
+        if self._noisy_or.any():
+            noisy = 1.0 - np.prod(1.0 - padded, axis=1)
+            return np.where(self._noisy_or, noisy, maxed)
+        return maxed
+
+    def update(self, start_sample: int, probs: np.ndarray, wall_time: float | None = None) -> list[Event]:
+        """Feed one window (its first sample, its probabilities); return the transitions it causes."""
+        raw = self.target_scores(probs)
+        self.raw = raw
+        if self.windows == 0:
+            smoothed = raw.copy()
+        else:
+            smoothed = self._alpha * raw + (1.0 - self._alpha) * self.smoothed
+        self._history = np.roll(self._history, 1, axis=0)
+        self._history[0] = raw
+        if (self._median > 1).any():  # before N windows exist, the missing ones count as silence
+            for k in np.unique(self._median[self._median > 1]):
+                rows = self._median == k
+                smoothed[rows] = np.median(self._history[:k, rows], axis=0)
+        self.smoothed = smoothed
+        self.windows += 1
+
+        end = start_sample + self.window_samples  # the score's place: the window's end
+        # the audio this window adds to the one before: where a sound it newly hears began
+        new_audio = start_sample if self.windows == 1 else max(start_sample, self._last_end)
+        self._last_end, self._last_wall = end, wall_time
+
+        above = smoothed >= self._on
+        below = smoothed < self._off
+        events: list[Event] = []
+        # inactive targets: track the current run at or above on_threshold
+        run = ~self.active & above
+        starting = run & (self._above_since < 0)
+        self._above_since[starting] = new_audio
+        self._above_at[starting] = end
+        self._above_since[~run & ~self.active] = -1
+        fire = run & (end - self._above_at >= self._min_on) & (end >= self._ready_at)
+        # active targets: accumulate, track the run below off_threshold
+        act = self.active
+        self._peak[act] = np.maximum(self._peak[act], smoothed[act])
+        self._sum[act] += smoothed[act]
+        self._count[act] += 1
+        quiet = act & below
+        beginning = quiet & (self._below_since < 0)
+        self._below_since[beginning] = start_sample
+        self._below_at[beginning] = end
+        self._below_since[act & ~below] = -1
+        stop = quiet & (end - self._below_at >= self._hold)
+
+        for i in np.flatnonzero(stop):
+            events.append(self._close(int(i), int(self._below_since[i]), wall_time, "audio"))
+            self._ready_at[i] = end + self._cooldown[i]
+        for i in np.flatnonzero(fire):
+            events.append(self._open(int(i), int(self._above_since[i]), probs, smoothed[i], wall_time))
+        return events
+
+    def _wall(self, sample: int, wall_time: float | None) -> float | None:
+        """Wall clock of a stream sample, from the newest window's end time."""
+        if wall_time is None:
+            return None
+        return wall_time - (self._last_end - 1 - sample) / SAMPLE_RATE_HZ
+
+    def _open(self, i: int, start: int, probs: np.ndarray, score: float, wall_time: float | None) -> Event:
+        target = self.targets[i]
+        self.active[i] = True
+        self._above_since[i] = -1
+        self._below_since[i] = -1
+        self._peak[i] = score
+        self._sum[i] = score
+        self._count[i] = 1
+        self._start[i] = start
+        self._start_wall[i] = self._wall(start, wall_time)
+        ranked = sorted(target.labels, key=lambda label: -probs[self.labels.index(label)])
+        strong = tuple(l for l in ranked if probs[self.labels.index(l)] >= target.settings.off_threshold)
+        self._drivers[i] = strong or ranked[:1]
+        return Event(
+            id=f"{self.stream}:{slug(target.name)}:{start}", stream=self.stream, target=target.name, state="ON",
+            labels=self._drivers[i], start_sample=start, end_sample=None, start_time=self._start_wall[i],
+            end_time=None, peak=float(score), mean=float(score),
+        )
+
+    def _close(self, i: int, end_sample: int, wall_time: float | None, reason: str) -> Event:
+        target = self.targets[i]
+        self.active[i] = False
+        self._below_since[i] = -1
+        start = int(self._start[i])
+        return Event(
+            id=f"{self.stream}:{slug(target.name)}:{start}", stream=self.stream, target=target.name, state="OFF",
+            labels=self._drivers.pop(i, ()), start_sample=start, end_sample=max(end_sample, start),
+            start_time=self._start_wall.pop(i, None), end_time=self._wall(max(end_sample, start), wall_time),
+            peak=float(self._peak[i]), mean=float(self._sum[i] / max(self._count[i], 1)), closed_by=reason,
+        )
+
+    def close_all(self, reason: str) -> list[Event]:
+        """Close every open event (stream ended, daemon stopping), at the newest audio."""
+        end = self._last_end
+        return [self._close(int(i), end, self._last_wall, reason) for i in np.flatnonzero(self.active)]
+
+    def active_targets(self) -> list[str]:
+        return [self.targets[i].name for i in np.flatnonzero(self.active)]
