@@ -1,0 +1,1 @@
+"""Where events go: MQTT (with Home Assistant discovery) and the console."""

@@ -1,0 +1,120 @@
+"""A real mosquitto broker for tests, and a subscriber that records what it receives."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+class Broker:
+    """``mosquitto`` on a free port of 127.0.0.1, with optional auth, TLS and persistence."""
+
+    def __init__(self, directory: Path, password: tuple[str, str] | None = None, tls: dict | None = None, persistence: bool = False) -> None:
+        if shutil.which("mosquitto") is None:
+            if os.environ.get("CI"):
+                pytest.fail("mosquitto is not installed (.ci/run should have installed it)")
+            pytest.skip("mosquitto is not installed")
+        self.directory = directory
+        self.port = free_port()
+        # stay this user (as root mosquitto would switch to "mosquitto", who cannot read pytest's tmp dirs)
+        lines = [f"listener {self.port} 127.0.0.1", "log_dest stderr", "log_type error", f"user {getpass.getuser()}"]
+        if password:
+            pwfile = directory / "passwd"
+            subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), *password], check=True, capture_output=True)
+            lines += ["allow_anonymous false", f"password_file {pwfile}"]
+        else:
+            lines.append("allow_anonymous true")
+        if tls:
+            lines += [f"cafile {tls['ca']}", f"certfile {tls['cert']}", f"keyfile {tls['key']}"]
+        if persistence:
+            lines += ["persistence true", f"persistence_location {directory}/", "autosave_interval 1"]
+        self.config = directory / "mosquitto.conf"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        def accepting() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+        assert wait_for(accepting, 10), "mosquitto did not start"
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: str
+    qos: int
+    retain: bool
+
+
+class Subscriber:
+    """A separate paho client that records every message on the given topics."""
+
+    def __init__(self, port: int, topics: list[str], client_id: str | None = None, persistent: bool = False, **tls) -> None:
+        self.messages: list[Received] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"sub-{time.monotonic_ns()}",
+                                  clean_session=not persistent)
+        if tls:
+            self.client.tls_set(ca_certs=tls["ca"])
+        self.topics = topics
+        self.connected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(1, 1)
+        self.client.connect_async("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+        assert self.connected.wait(10), "subscriber could not connect"
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        for topic in self.topics:
+            client.subscribe(topic, qos=1)
+        self.connected.set()
+
+    def _on_message(self, client, userdata, message):
+        with self.lock:
+            self.messages.append(Received(message.topic, message.payload.decode(), message.qos, bool(message.retain)))
+
+    def on(self, topic: str) -> list[Received]:
+        with self.lock:
+            return [m for m in self.messages if m.topic == topic]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
