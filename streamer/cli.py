@@ -57,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     labels = sub.add_parser("labels", help="list the labels a model can detect")
     labels.add_argument("search", nargs="?", default="", help="show only labels containing this text")
     labels.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    run = sub.add_parser("run", help="run the detector daemon (sources → model → events → MQTT/console)")
+    run.add_argument("--config", type=Path, default=Path("config/streamer.yaml"), help="YAML config (default config/streamer.yaml)")
+    run.add_argument("--model", help="override model.path")
+    run.add_argument("--source", help="use only this source: mic[:DEVICE], file:PATH or a URL")
+    run.add_argument("--mqtt-host", help="override mqtt.host (and turn MQTT on)")
+    run.add_argument("--mqtt-port", type=int, help="override mqtt.port")
+    run.add_argument("--hop", type=float, help="override hop (seconds, 0.1–10)")
+    run.add_argument("--json", action="store_true", help="print one JSON object per event instead of the live view")
+    run.add_argument("--console", choices=["auto", "live", "lines", "json", "off"], default="auto", help="console output (default: live view in a terminal, lines otherwise)")
+
+    check = sub.add_parser("check-config", help="validate a config file and exit (2 on errors)")
+    check.add_argument("config", type=Path, nargs="?", default=Path("config/streamer.yaml"))
+
     sub.add_parser("devices", help="list audio input devices (microphones)")
 
     record = sub.add_parser("record", help="record a source to an audio file (16 kHz mono), e.g. to collect clips")
@@ -75,6 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true", help="also measure bf16 with torch.compile (GPU)")
     bench.add_argument("--threads", type=_positive_int, help="CPU threads")
     return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in {"model": args.model, "source": args.source, "mqtt_host": args.mqtt_host,
+                              "mqtt_port": args.mqtt_port, "hop": args.hop}.items() if v is not None}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from streamer.config import load_config
+    from streamer.daemon import Daemon
+
+    config = load_config(args.config, _overrides(args))
+    logging.getLogger().setLevel(getattr(logging, config.log_level.upper()) if not args.verbose else logging.getLogger().level)
+    return Daemon(config, args.config, output="json" if args.json else args.console).run()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from streamer.config import load_config
+
+    config = load_config(args.config)
+    print(f"{args.config}: OK — {len(config.sources)} source(s), hop {config.hop} s, "
+          f"MQTT {'on' if config.mqtt else 'off'}, model {config.model.path}")
+    return 0
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -204,6 +240,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "detect": cmd_detect, "labels": cmd_labels, "bench": cmd_bench, "devices": cmd_devices, "record": cmd_record,
+    "run": cmd_run, "check-config": cmd_check_config,
 }
 
 
@@ -214,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except StreamerError as exc:
-        print(f"streamer: error: {exc}", file=sys.stderr)
+        lines = str(exc).splitlines() or [""]
+        for line in lines:  # a config error lists every problem, one a line
+            print(f"streamer: error: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("streamer: interrupted", file=sys.stderr)

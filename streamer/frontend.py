@@ -125,3 +125,14 @@ class Frontend:
         self._tail = buffer[count * FRAME_SHIFT:].copy()
         self.frames_done += count
         return normalise(frames, self.features)
+
+
+LEVEL_FLOOR_DBFS = -90.0
+
+
+def dbfs(samples: np.ndarray) -> float:
+    """RMS level in dB relative to full scale (floored for silence)."""
+    if len(samples) == 0:
+        return LEVEL_FLOOR_DBFS
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
+    return max(LEVEL_FLOOR_DBFS, 20 * np.log10(rms)) if rms > 0 else LEVEL_FLOOR_DBFS

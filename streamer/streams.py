@@ -15,6 +15,7 @@ from pathlib import Path
 
 from streamer.capture.sources import FfmpegSource, FileSource, MicSource, Source
 from streamer.errors import StreamerError
+from streamer.frontend import LEVEL_FLOOR_DBFS, dbfs
 from streamer.model.config import FeatureConfig
 from streamer.scheduler import StreamWindows, Window
 
@@ -33,6 +34,7 @@ class StreamReader:
         self.windows = StreamWindows(source.name, features, hop_frames)
         self.on_window = on_window
         self.emitted = 0
+        self.level_dbfs = LEVEL_FLOOR_DBFS
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.done = threading.Event()
@@ -60,6 +62,7 @@ class StreamReader:
         ring = self.source.ring
         position, samples = ring.read(int(MAX_READ_SECONDS * 16000))
         if len(samples):
+            self.level_dbfs = dbfs(samples)
             for window in self.windows.push(samples, position, self.source.clock):
                 self._emit(window)
             return True

@@ -1,0 +1,209 @@
+"""``streamer run``: sources → frontend → scheduler → one inference worker → smoothers → publishers.
+
+Start order: config (already validated) → model loaded and warmed → sources opened →
+MQTT connecting → ready (``READY=1`` to systemd when ``NOTIFY_SOCKET`` is set). SIGTERM or
+SIGINT: stop capture, score the windows already taken, close open events (their OFF is
+published), publish ``offline``, exit 0. SIGHUP: reload the ``detect`` section only; a bad
+file is refused with a log line and the old settings kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from streamer.capture.sources import FfmpegSource, FileSource, MicSource, Source
+from streamer.config import Config, ConfigError, load_config
+from streamer.detect import hop_to_frames
+from streamer.events import Event, EventSmoother
+from streamer.frontend import window_samples
+from streamer.inference import InferenceEngine, InferenceWorker, Result
+from streamer.model import load_model
+from streamer.publishers.console import ConsoleView, LinePrinter
+from streamer.publishers.mqtt import MqttPublisher
+from streamer.streams import StreamReader
+
+log = logging.getLogger(__name__)
+
+LOOP_INTERVAL_S = 0.25
+STOP_TIMEOUT_S = 10.0
+
+
+def notify(message: str) -> None:
+    """sd_notify(3): one datagram to ``$NOTIFY_SOCKET``; nothing without systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        log.debug("sd_notify failed: %s", exc)
+
+
+def make_source(sc, ring_seconds: float) -> Source:
+    if sc.type == "mic":
+        return MicSource(sc.name, device=sc.device, channels=sc.channels, channel=sc.channel, gain=sc.gain, ring_seconds=ring_seconds)
+    if sc.type == "ffmpeg":
+        return FfmpegSource(sc.name, sc.url, realtime=sc.realtime and not sc.url.startswith(("rtsp", "http", "udp", "srt", "rtmp")),
+                            gain=sc.gain, ring_seconds=ring_seconds)
+    return FileSource(sc.name, sc.path, realtime=sc.realtime, loop=sc.loop, gain=sc.gain, ring_seconds=ring_seconds)
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: Path | None = None, output: str = "auto") -> None:
+        self.config = config
+        self.config_path = config_path
+        self.output = output
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._lock = threading.Lock()
+        self.events: list[Event] = []
+
+    # -- wiring ---------------------------------------------------------------------------
+    def _sinks(self, event: Event) -> None:
+        self.events.append(event)
+        if self.mqtt:
+            self.mqtt.publish_event(event)
+        self.printer.event(event)
+
+    def _on_result(self, result: Result) -> None:
+        window = result.window
+        with self._lock:
+            smoother = self.smoothers[window.stream]
+            for event in smoother.update(window.start_sample, result.probabilities, window.wall_time):
+                self._sinks(event)
+            if self.view:
+                self.view.update_scores(window.stream, self.labels, result.probabilities)
+                self.view.update_stream(window.stream, active=smoother.active_targets())
+
+    def _build_smoothers(self) -> dict[str, EventSmoother]:
+        targets = self.config.detect.targets(self.labels)
+        span = window_samples(self.engine.loaded.features.max_length)
+        return {s.name: EventSmoother(s.name, self.labels, targets, span) for s in self.config.sources}
+
+    def run(self) -> int:
+        cfg = self.config
+        notify("STATUS=loading model")
+        loaded = load_model(cfg.model.path)
+        self.labels = loaded.labels
+        self.engine = InferenceEngine(loaded, cfg.model.device, cfg.model.precision, cfg.model.max_batch, cfg.model.threads)
+        self.smoothers = self._build_smoothers()
+        hop_frames = hop_to_frames(cfg.hop)
+        self.sources = [make_source(sc, cfg.ring_seconds) for sc in cfg.sources]
+        for source in self.sources:
+            if isinstance(source, MicSource):
+                source.open_check()
+        self.worker = InferenceWorker(self.engine, self._on_result, cfg.model.max_wait_ms)
+        self.readers = []
+        for source in self.sources:
+            self.worker.register_stream(source.name)
+            lossless = isinstance(source, FileSource) and not source.realtime
+            self.readers.append(StreamReader(source, loaded.features, hop_frames,
+                                             lambda w, lossless=lossless: self.worker.submit(w, block=lossless)))
+        targets = {s.name: [t.name for t in next(iter(self.smoothers.values())).targets] for s in self.sources}
+        self.mqtt = MqttPublisher(cfg.mqtt, targets) if cfg.mqtt else None
+        mode = cfg.console.mode if self.output == "auto" else self.output
+        live = mode == "live" or (mode == "auto" and sys.stdout.isatty())
+        self.view = ConsoleView([s.name for s in self.sources]) if live else None
+        self.printer = self.view or LinePrinter(as_json=mode == "json", stream=open(os.devnull, "w") if mode == "off" else None)
+
+        self.worker.start()
+        for source, reader in zip(self.sources, self.readers):
+            source.start()
+            reader.start()
+        if self.mqtt:
+            self.mqtt.start()
+        if self.view:
+            self.view.start()
+        self._install_signals()
+        notify("READY=1")
+        notify(f"STATUS=listening to {len(self.sources)} source(s)")
+        log.info("streamer ready: %d source(s), model %s", len(self.sources), loaded.source)
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+
+    def _loop(self) -> None:
+        watchdog = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
+        last_level = 0.0
+        while not self._stop.wait(LOOP_INTERVAL_S):
+            if self._reload.is_set():
+                self._reload.clear()
+                self._reload_detect()
+            now = time.monotonic()
+            for source, reader in zip(self.sources, self.readers):
+                if self.view:
+                    self.view.update_stream(source.name, state=source.state.value, level_dbfs=reader.level_dbfs,
+                                            windows=reader.emitted, overruns=source.ring.lost)
+                if self.mqtt and now - last_level >= self.config.level_interval_s:
+                    self.mqtt.publish_level(source.name, reader.level_dbfs)
+            if now - last_level >= self.config.level_interval_s:
+                last_level = now
+            if self.view:
+                self.view.mqtt_state = "off" if not self.mqtt else ("connected" if self.mqtt.connected else (self.mqtt.last_error or "connecting"))
+                self.view.mqtt_queue = self.mqtt.queue_length() if self.mqtt else None
+            # the watchdog is fed by progress: a stalled pipeline stops the pings
+            if watchdog and (now - self.worker.last_progress < watchdog or not self._expecting_windows()):
+                notify("WATCHDOG=1")
+            if all(r.done.is_set() for r in self.readers) and self.worker.pending() == 0:
+                log.info("all sources have ended")
+                break
+
+    def _expecting_windows(self) -> bool:
+        return any(s.state.value == "running" for s in self.sources)
+
+    def _reload_detect(self) -> None:
+        try:
+            fresh = load_config(self.config_path) if self.config_path else None
+            if fresh is None:
+                return
+            from dataclasses import replace
+
+            candidate = replace(self.config, detect=fresh.detect)
+            candidate.detect.targets(self.labels)
+        except (ConfigError, Exception) as exc:  # keep running on the old settings
+            log.error("reload refused, keeping the old detect settings: %s", str(exc).replace("\n", "; "))
+            return
+        with self._lock:
+            for smoother in self.smoothers.values():
+                for event in smoother.close_all("reload"):
+                    self._sinks(event)
+            self.config = candidate
+            self.smoothers = self._build_smoothers()
+        log.info("reloaded the detect section from %s", self.config_path)
+        notify("STATUS=reloaded detect settings")
+
+    def _shutdown(self) -> None:
+        notify("STOPPING=1")
+        for source in self.sources:
+            source.stop()
+        for reader in self.readers:
+            reader.stop()
+        self.worker.stop(drain=True, timeout=STOP_TIMEOUT_S)
+        with self._lock:
+            for source in self.sources:
+                reason = "stream-end" if source.state.value in ("ended", "failed") else "shutdown"
+                for event in self.smoothers[source.name].close_all(reason):
+                    self._sinks(event)
+        if self.view:
+            self.view.stop()
+        if self.mqtt:
+            self.mqtt.stop(timeout=STOP_TIMEOUT_S)
+        log.info("stopped")

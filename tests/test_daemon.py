@@ -1,0 +1,183 @@
+"""The daemon as users run it: `streamer run` against a real mosquitto, signals, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, real_clips, run_cli, write_wav
+from mqtt_helpers import Broker, Subscriber, wait_for
+from streamer.capture.files import read_audio
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def scene(tmp_path):
+    samples = np.concatenate([read_audio(p) for p in real_clips(per_label=1)[:12]])
+    return write_wav(tmp_path / "scene.wav", samples)
+
+
+def write_config(path, model, audio, port=None, realtime=False, detect=None, name="scene", loop=False):
+    config = {
+        "model": {"path": str(model), "max_batch": 4},
+        "hop": 0.25,
+        "sources": [{"name": name, "type": "file", "path": str(audio), "realtime": realtime, "loop": loop}],
+        "detect": detect or {"include": ["LABEL_1*"], "defaults": {"on_threshold": 0.5, "off_threshold": 0.45, "hold": 0.25, "smoothing": "none"}},
+        "console": {"mode": "json"},
+        "logging": {"level": "warning"},
+    }
+    if port:
+        config["mqtt"] = {"host": "127.0.0.1", "port": port, "homeassistant": False}
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def daemon(config, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "streamer", "run", "--config", str(config)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def test_daemon_events_on_mqtt_equal_detect_events_out(tmp_path, tiny_checkpoint, broker, scene):
+    directory, _ = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
+    config = write_config(tmp_path / "streamer.yaml", directory, scene, port=broker.port)
+    sub = Subscriber(broker.port, ["streamer/scene/events", "streamer/status"])
+    result = subprocess.run([sys.executable, "-m", "streamer", "run", "--config", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    offline = tmp_path / "events.jsonl"
+    det = run_cli("detect", str(scene), "--model", str(directory), "--hop", "0.25", "--batch", "4",
+                  "--events-out", str(offline), "--config", str(config))
+    assert det.returncode == 0, det.stderr
+    expected = [json.loads(line) for line in offline.read_text().splitlines()]
+    assert len(expected) >= 4
+    assert wait_for(lambda: len(sub.on("streamer/scene/events")) >= len(expected), 10)
+    got = [json.loads(m.payload) for m in sub.on("streamer/scene/events")]
+    keys = ("id", "target", "state", "start_sample", "end_sample", "closed_by")
+    assert [{k: e[k] for k in keys} for e in got] == [{k: e[k] for k in keys} for e in expected]
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["id"] for e in printed] == [e["id"] for e in expected]
+    assert sub.on("streamer/status")[-1].payload == "offline"
+    sub.close()
+
+
+def test_sigterm_mid_event_publishes_off_and_offline(tmp_path, tiny_checkpoint, broker, scene):
+    directory, hf = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
+    label = hf.config.id2label[0]
+    detect = {"include": [label], "defaults": {"on_threshold": 0.0, "off_threshold": 0.0, "hold": 0}}
+    config = write_config(tmp_path / "streamer.yaml", directory, scene, port=broker.port, realtime=True, detect=detect, loop=True)
+    sub = Subscriber(broker.port, ["streamer/#"])
+    proc = daemon(config)
+    try:
+        assert wait_for(lambda: any(json.loads(m.payload)["state"] == "ON" for m in sub.on("streamer/scene/events")), 60)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert time.monotonic() - t0 < 15
+        assert wait_for(lambda: any(json.loads(m.payload)["state"] == "OFF" for m in sub.on("streamer/scene/events")), 10)
+        off = [json.loads(m.payload) for m in sub.on("streamer/scene/events") if json.loads(m.payload)["state"] == "OFF"][0]
+        assert off["closed_by"] == "shutdown"
+        assert sub.on(f"streamer/scene/{'label_0'}/state")[-1].payload == "OFF"
+        assert sub.on("streamer/status")[-1].payload == "offline"
+    finally:
+        proc.kill()
+        sub.close()
+
+
+def test_sighup_reloads_thresholds_and_refuses_a_broken_file(tmp_path, tiny_checkpoint, scene):
+    directory, hf = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
+    label = hf.config.id2label[0]
+    never = {"include": [label], "defaults": {"on_threshold": 1.0, "off_threshold": 1.0, "hold": 0}}
+    config = write_config(tmp_path / "streamer.yaml", directory, scene, realtime=True, detect=never, loop=True)
+    proc = daemon(config)
+    try:
+        time.sleep(6)  # model loaded, windows flowing, nothing fires at 1.0
+        always = {"include": [label], "defaults": {"on_threshold": 0.0, "off_threshold": 0.0, "hold": 0}}
+        write_config(config, directory, scene, realtime=True, detect=always, loop=True)
+        proc.send_signal(signal.SIGHUP)
+        line = proc.stdout.readline()  # the first event printed (JSON lines)
+        assert json.loads(line)["state"] == "ON"
+        config.write_text("detect: {defaults: {on_threshold: 7}}\n  bad: [")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2)
+        assert proc.poll() is None  # still running on the old settings
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert "reload refused" in err
+    finally:
+        proc.kill()
+
+
+def test_systemd_notify_ready_watchdog_stopping(tmp_path, tiny_checkpoint, scene):
+    directory, _ = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
+    config = write_config(tmp_path / "streamer.yaml", directory, scene, realtime=True, loop=True)
+    path = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(30)
+    proc = daemon(config, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
+    messages = []
+    try:
+        while not any("READY=1" in m for m in messages):
+            messages.append(server.recv(4096).decode())
+        while not any("WATCHDOG=1" in m for m in messages):
+            messages.append(server.recv(4096).decode())
+        proc.send_signal(signal.SIGTERM)
+        while not any("STOPPING=1" in m for m in messages):
+            messages.append(server.recv(4096).decode())
+        assert proc.wait(20) == 0
+        assert any(m.startswith("STATUS=") for m in messages)
+    finally:
+        proc.kill()
+        server.close()
+
+
+BAD_CONFIGS = [
+    ("model: {path: x, devcie: cpu}\nsources: [{name: a, type: mic}]\n", ":1: model.devcie: unknown key (did you mean 'device'?)"),
+    ("sources: [{name: a, type: mic}, {name: a, type: mic}]\n", "sources[1].name: two sources are named 'a'"),
+    ("sources: [{name: a, type: mic}]\ndetect:\n  defaults: {on_threshold: 2}\n", ":3: detect.defaults: on_threshold=2 is outside 0..1"),
+    ("sources: [{name: a, type: mic}]\nhop: 20\n", ":2: hop: 20 is outside 0.1..10.0"),
+    ("sources: [{name: a, type: mic}]\nhop: yes\n", "hop: expected int or float, got True"),
+    ("sources: [{name: a, type: radio}]\n", "sources[0].type: must be one of mic, file, ffmpeg"),
+    ("sources: []\n", "sources: no sources"),
+    ("sources: [{name: a, type: mic}]\nmqtt: {password: '${NO_SUCH_VAR_X}'}\n", "mqtt.password: environment variable NO_SUCH_VAR_X is not set"),
+    ("sources: [{name: a, type: mic}\n", "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_CONFIGS, ids=[m[:30] for _, m in BAD_CONFIGS])
+def test_config_errors_are_reported_with_their_place(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+def test_all_config_errors_at_once(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("modle: {}\nhop: 0.015\nsources: [{name: a, type: file}]\n")
+    result = run_cli("check-config", str(path))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 3
+    assert "did you mean 'model'" in lines[0] and "hop" in result.stderr and "needs a path" in result.stderr
+
+
+def test_the_shipped_config_is_valid():
+    result = run_cli("check-config", str(REPO / "config" / "streamer.yaml"))
+    assert result.returncode == 0, result.stderr
