@@ -244,3 +244,17 @@ def test_home_assistant_discovery_payloads(broker):
         smaller.stop()
     finally:
         sub.close()
+
+
+def test_level_is_published_while_connected(broker):
+    sub = Subscriber(broker.port, ["streamer/kitchen/level"])
+    pub = publisher(broker.port)
+    try:
+        assert wait_for(lambda: pub.connected, 10)
+        pub.publish_level(STREAM, -31.26)
+        assert wait_for(lambda: sub.on("streamer/kitchen/level"), 5)
+        message = sub.on("streamer/kitchen/level")[0]
+        assert message.payload == "-31.3" and not message.retain
+    finally:
+        pub.stop()
+        sub.close()
