@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from streamer.errors import StreamerError
+from streamer.clips import ClipSettings
 from streamer.events import DetectSettings
 from streamer.publishers.mqtt import MqttSettings, TlsSettings
 
@@ -63,6 +64,12 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sources: tuple[SourceConfig, ...] = ()
@@ -73,9 +80,11 @@ class Config:
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     log_level: str = "info"
     level_interval_s: float = 10.0
+    metrics: MetricsConfig | None = None
+    clips: ClipSettings | None = None
 
 
-SECTIONS = {"model", "sources", "hop", "ring_seconds", "detect", "mqtt", "console", "logging", "level_interval"}
+SECTIONS = {"model", "sources", "hop", "ring_seconds", "detect", "mqtt", "console", "logging", "level_interval", "metrics", "clips"}
 MODEL_KEYS = {"path", "device", "precision", "max_batch", "max_wait_ms", "threads"}
 SOURCE_KEYS = {"name", "type", "device", "path", "url", "gain", "channels", "channel", "realtime", "loop"}
 MQTT_KEYS = {"enabled", "host", "port", "prefix", "instance", "client_id", "username", "password", "keepalive",
@@ -274,8 +283,24 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
     lg = check.keys(raw.get("logging"), {"level"}, ("logging",))
     level = check.typed(lg, "level", str, ("logging",), "info", choices=("debug", "info", "warning", "error"))
 
+    metrics = None
+    mt = check.keys(raw.get("metrics"), {"enabled", "host", "port"}, ("metrics",))
+    if mt and check.typed(mt, "enabled", bool, ("metrics",), False):
+        metrics = MetricsConfig(host=check.typed(mt, "host", str, ("metrics",), "127.0.0.1"),
+                                port=check.typed(mt, "port", int, ("metrics",), 9464, 0, 65535))
+    clips = None
+    cl = check.keys(raw.get("clips"), {"enabled", "directory", "pre", "post", "max_mb", "max_days"}, ("clips",))
+    if cl and check.typed(cl, "enabled", bool, ("clips",), False):
+        clips = ClipSettings(
+            directory=Path(check.typed(cl, "directory", str, ("clips",), "clips")),
+            pre=float(check.typed(cl, "pre", (int, float), ("clips",), 2.0, 0, 60)),
+            post=float(check.typed(cl, "post", (int, float), ("clips",), 2.0, 0, 60)),
+            max_bytes=int(check.typed(cl, "max_mb", (int, float), ("clips",), 1024, 1, 10**7) * 2**20),
+            max_age_s=float(check.typed(cl, "max_days", (int, float), ("clips",), 30, 0.001, 36500)) * 86400,
+        )
+    ring_seconds = float(check.typed(raw, "ring_seconds", (int, float), (), 30.0, 12, 3600))
     if check.problems:
         raise ConfigError(check.problems)
     return Config(model=model, sources=tuple(sources), hop=float(hop), detect=detect, mqtt=mqtt, console=console,
-                  log_level=level, ring_seconds=float(raw.get("ring_seconds", 30.0)),
-                  level_interval_s=float(raw.get("level_interval", 10.0)))
+                  log_level=level, ring_seconds=ring_seconds,
+                  level_interval_s=float(raw.get("level_interval", 10.0)), metrics=metrics, clips=clips)

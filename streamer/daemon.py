@@ -18,12 +18,16 @@ import threading
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
 from streamer.capture.sources import FfmpegSource, FileSource, MicSource, Source
+from streamer.clips import ClipWriter
 from streamer.config import Config, ConfigError, load_config
 from streamer.detect import hop_to_frames
 from streamer.events import Event, EventSmoother
 from streamer.frontend import window_samples
 from streamer.inference import InferenceEngine, InferenceWorker, Result
+from streamer.metrics import Metrics, MetricsServer, stalled
 from streamer.model import load_model
 from streamer.publishers.console import ConsoleView, LinePrinter
 from streamer.publishers.mqtt import MqttPublisher
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 
 LOOP_INTERVAL_S = 0.25
 STOP_TIMEOUT_S = 10.0
+STALL_SECONDS = 30.0  # no window scored this long while sources run: unhealthy
 
 
 def notify(message: str) -> None:
@@ -69,6 +74,12 @@ class Daemon:
 
     # -- wiring ---------------------------------------------------------------------------
     def _sinks(self, event: Event) -> None:
+        if self.clips and event.state == "OFF":
+            path = self.clips.save(event, self.source_by_name[event.stream].ring)
+            if path is not None:
+                event = replace(event, clip=str(path))
+        if self.metrics:
+            self.metrics.events.labels(event.stream, event.target, event.state).inc()
         self.events.append(event)
         if self.mqtt:
             self.mqtt.publish_event(event)
@@ -76,6 +87,9 @@ class Daemon:
 
     def _on_result(self, result: Result) -> None:
         window = result.window
+        if self.metrics:
+            self.metrics.windows.labels(window.stream).inc()
+            self.metrics.latency.observe(result.latency_s)
         with self._lock:
             smoother = self.smoothers[window.stream]
             for event in smoother.update(window.start_sample, result.probabilities, window.wall_time):
@@ -101,7 +115,11 @@ class Daemon:
         for source in self.sources:
             if isinstance(source, MicSource):
                 source.open_check()
-        self.worker = InferenceWorker(self.engine, self._on_result, cfg.model.max_wait_ms)
+        self.source_by_name = {s.name: s for s in self.sources}
+        self.metrics = Metrics() if cfg.metrics else None
+        self.clips = ClipWriter(cfg.clips) if cfg.clips else None
+        self.worker = InferenceWorker(self.engine, self._on_result, cfg.model.max_wait_ms,
+                                      on_batch=self.metrics.batch.observe if self.metrics else None)
         self.readers = []
         for source in self.sources:
             self.worker.register_stream(source.name)
@@ -123,6 +141,12 @@ class Daemon:
             self.mqtt.start()
         if self.view:
             self.view.start()
+        self.metrics_server = None
+        if self.metrics:
+            limit = max(STALL_SECONDS, 3 * cfg.hop + 20)
+            self.metrics_server = MetricsServer(
+                self.metrics, lambda: not stalled(self.worker.last_progress, self._expecting_windows(), limit),
+                cfg.metrics.host, cfg.metrics.port).start()
         self._install_signals()
         notify("READY=1")
         notify(f"STATUS=listening to {len(self.sources)} source(s)")
@@ -143,11 +167,20 @@ class Daemon:
     def _loop(self) -> None:
         watchdog = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
         last_level = 0.0
+        source_states: dict[str, str] = {}
         while not self._stop.wait(LOOP_INTERVAL_S):
             if self._reload.is_set():
                 self._reload.clear()
                 self._reload_detect()
             now = time.monotonic()
+            for source in self.sources:
+                state = source.state.value
+                if source_states.get(source.name) != state:
+                    source_states[source.name] = state
+                    if self.mqtt:
+                        self.mqtt.publish_source_state(source.name, state)
+            if self.metrics:
+                self._update_metrics()
             for source, reader in zip(self.sources, self.readers):
                 if self.view:
                     self.view.update_stream(source.name, state=source.state.value, level_dbfs=reader.level_dbfs,
@@ -166,6 +199,22 @@ class Daemon:
                 log.info("all sources have ended")
                 break
 
+    def _update_metrics(self) -> None:
+        m = self.metrics
+        m.skipped.set(self.worker.stats.skipped)
+        m.pending.set(self.worker.pending())
+        for source in self.sources:
+            m.lost.labels(source.name).set(getattr(source, "lost", source.ring.lost))
+            m.overflows.labels(source.name).set(source.stats.overflows)
+            for state in ("starting", "running", "retrying", "ended", "failed", "stopped"):
+                m.source_up.labels(source.name, state).set(1 if source.state.value == state else 0)
+        if self.mqtt:
+            m.mqtt_queue.set(self.mqtt.queue_length())
+            m.mqtt_dropped.set(self.mqtt.stats.dropped)
+            m.mqtt_connected.set(1 if self.mqtt.connected else 0)
+        if self.clips:
+            m.clip_errors.set(self.clips.errors)
+
     def _expecting_windows(self) -> bool:
         return any(s.state.value == "running" for s in self.sources)
 
@@ -174,8 +223,6 @@ class Daemon:
             fresh = load_config(self.config_path) if self.config_path else None
             if fresh is None:
                 return
-            from dataclasses import replace
-
             candidate = replace(self.config, detect=fresh.detect)
             candidate.detect.targets(self.labels)
         except (ConfigError, Exception) as exc:  # keep running on the old settings
@@ -206,4 +253,8 @@ class Daemon:
             self.view.stop()
         if self.mqtt:
             self.mqtt.stop(timeout=STOP_TIMEOUT_S)
+        if self.clips:
+            self.clips.close()
+        if self.metrics_server:
+            self.metrics_server.stop()
         log.info("stopped")

@@ -190,7 +190,8 @@ class Event:
     end_time: float | None
     peak: float
     mean: float
-    closed_by: str | None = None  # OFF only: "audio", "shutdown" or "stream-end"
+    closed_by: str | None = None  # OFF only: "audio", "shutdown", "stream-end" or "reload"
+    clip: str | None = None  # OFF only, with clips on: where its audio was saved
 
     @property
     def start_s(self) -> float:
@@ -203,7 +204,7 @@ class Event:
             "start_s": round(self.start_sample / SAMPLE_RATE_HZ, 3),
             "end_s": None if self.end_sample is None else round(self.end_sample / SAMPLE_RATE_HZ, 3),
             "start_time": self.start_time, "end_time": self.end_time,
-            "peak": round(self.peak, 4), "mean": round(self.mean, 4), "closed_by": self.closed_by,
+            "peak": round(self.peak, 4), "mean": round(self.mean, 4), "closed_by": self.closed_by, "clip": self.clip,
         }
 
 

@@ -325,8 +325,10 @@ class InferenceWorker:
         engine: InferenceEngine,
         on_result: Callable[[Result], None],
         max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.engine = engine
+        self.on_batch = on_batch
         self.on_result = on_result
         self.max_wait_s = max_wait_ms / 1000.0
         self.stats = WorkerStats()
@@ -429,6 +431,8 @@ class InferenceWorker:
             done = time.monotonic()
             self.last_progress = done
             self.stats.processed += len(batch)
+            if self.on_batch:
+                self.on_batch(len(batch))
             for (window, submitted), row in zip(batch, probs):
                 try:
                     self.on_result(Result(window, row, done - submitted))

@@ -181,3 +181,95 @@ def test_all_config_errors_at_once(tmp_path):
 def test_the_shipped_config_is_valid():
     result = run_cli("check-config", str(REPO / "config" / "streamer.yaml"))
     assert result.returncode == 0, result.stderr
+
+
+def test_metrics_health_and_clips(tmp_path, tiny_checkpoint, scene):
+    import urllib.request
+
+    from mqtt_helpers import free_port
+
+    directory, hf = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
+    label = hf.config.id2label[0]
+    config = write_config(tmp_path / "streamer.yaml", directory, scene, realtime=True, loop=True,
+                          detect={"include": [label], "defaults": {"on_threshold": 0.0, "off_threshold": 0.0, "hold": 0}})
+    raw = json.loads(config.read_text())
+    port = free_port()
+    raw["metrics"] = {"enabled": True, "port": port}
+    raw["clips"] = {"enabled": True, "directory": str(tmp_path / "clips"), "pre": 1, "post": 1}
+    config.write_text(json.dumps(raw))
+    proc = daemon(config)
+    try:
+        def get(path):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                    return r.status, r.read().decode()
+            except OSError:
+                return None, ""
+        assert wait_for(lambda: "streamer_windows_total{stream=\"scene\"}" in get("/metrics")[1], 60)
+        assert get("/healthz") == (200, "ok\n")
+        assert wait_for(lambda: 'streamer_events_total{state="ON",stream="scene"' in get("/metrics")[1], 30)
+        text = get("/metrics")[1]
+        for name in ("streamer_inference_latency_seconds_bucket", "streamer_batch_size_bucket", "streamer_lost_samples",
+                     "streamer_source_up", "streamer_worker_pending_windows"):
+            assert name in text, name
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        proc.kill()
+    events = [json.loads(line) for line in out.splitlines()]
+    off = [e for e in events if e["state"] == "OFF"][0]
+    clip = off["clip"]
+    assert clip and clip.endswith(".flac")
+    import soundfile as sf
+
+    audio, rate = sf.read(clip)
+    expected = (off["end_sample"] + 16000) - max(0, off["start_sample"] - 16000)
+    assert rate == 16000 and abs(len(audio) - expected) <= 16000  # clipped to what was written at the time
+
+
+def test_unwritable_clips_directory_still_publishes_events(tmp_path, tiny_checkpoint, scene):
+    directory, hf = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the clips directory should be")
+    config = write_config(tmp_path / "streamer.yaml", directory, scene)
+    raw = json.loads(config.read_text())
+    raw["clips"] = {"enabled": True, "directory": str(blocker / "clips")}
+    raw["logging"] = {"level": "error"}
+    config.write_text(json.dumps(raw))
+    result = subprocess.run([sys.executable, "-m", "streamer", "run", "--config", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(events) >= 4  # every event still reported
+    assert result.stderr.count("cannot write clips") == 1  # logged once, not per event
+
+
+def test_two_daemons_share_one_broker(tmp_path, tiny_checkpoint, broker, scene):
+    directory, _ = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
+    sub = Subscriber(broker.port, ["streamer/#", "homeassistant/#"])
+    procs = []
+    try:
+        for instance in ("kitchen-box", "garage-box"):
+            config = write_config(tmp_path / f"{instance}.yaml", directory, scene, port=broker.port, realtime=True, loop=True)
+            raw = json.loads(config.read_text())
+            raw["mqtt"].update({"instance": instance, "homeassistant": True})
+            config.write_text(json.dumps(raw))
+            procs.append(daemon(config))
+        for instance in ("kitchen-box", "garage-box"):
+            assert wait_for(lambda i=instance: sub.on(f"streamer/{i}/status") and sub.on(f"streamer/{i}/status")[-1].payload == "online", 60)
+        assert wait_for(lambda: any(m.topic.startswith("homeassistant/binary_sensor/streamer_kitchen_box/") for m in sub.messages)
+                        and any(m.topic.startswith("homeassistant/binary_sensor/streamer_garage_box/") for m in sub.messages), 30)
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(30) == 0
+        assert wait_for(lambda: sub.on("streamer/kitchen-box/status")[-1].payload == "offline", 10)
+        assert sub.on("streamer/garage-box/status")[-1].payload == "online"  # the other one is unaffected
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        sub.close()

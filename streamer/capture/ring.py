@@ -122,3 +122,24 @@ class RingBuffer:
             return None
         end, wall = anchor
         return wall - (end - 1 - position) / rate
+
+    def copy(self, start: int, end: int) -> np.ndarray | None:
+        """Frames ``[start, end)`` still in the ring (without consuming them), or None if gone.
+
+        ``end`` is clipped to what has been written.
+        """
+        end = min(end, self.written)
+        if start >= end:
+            return np.zeros((0,) if self.channels == 1 else (0, self.channels), dtype=np.float32)
+        if start < self._writing_to - self.capacity:
+            return None
+        count = end - start
+        first_index = start % self.capacity
+        first = min(count, self.capacity - first_index)
+        out = np.empty((count, self.channels), dtype=np.float32)
+        out[:first] = self._data[first_index:first_index + first]
+        if count > first:
+            out[first:] = self._data[: count - first]
+        if start < self._writing_to - self.capacity:  # overwritten while we copied
+            return None
+        return out[:, 0] if self.channels == 1 else out

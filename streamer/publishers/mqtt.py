@@ -253,6 +253,11 @@ class MqttPublisher:
         self._enqueue(Message(self.events_topic(event.stream), json.dumps(event.as_dict()), expiry_s=expiry))
         self._enqueue(Message(self.state_topic(event.stream, event.target), event.state, retain=True))
 
+    def publish_source_state(self, stream: str, state: str) -> None:
+        """Retained ``{prefix}/{stream}/availability``: ``online`` while the source delivers audio."""
+        self._enqueue(Message(f"{self.settings.prefix}/{slug(stream)}/availability",
+                              "online" if state == "running" else "offline", retain=True))
+
     def publish_level(self, stream: str, dbfs: float) -> None:
         if self.connected:
             self._client.publish(self.level_topic(stream), f"{dbfs:.1f}", qos=QOS_LEVEL)
