@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit (2 on errors)")
     check.add_argument("config", type=Path, nargs="?", default=Path("config/streamer.yaml"))
 
+    tr = sub.add_parser("train", help="train a model on your own sounds (one folder of clips per label)")
+    tr.add_argument("data", type=Path, metavar="DATA_DIR", help="one folder per label; a 'background' folder for negatives and noise")
+    tr.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR", help="where to write the checkpoint")
+    tr.add_argument("--base", help="pretrained AST to extend (frozen backbone, new label rows); default: train a small AST from scratch")
+    tr.add_argument("--preset", choices=["tiny", "small"], default="small", help="model size from scratch (default small)")
+    tr.add_argument("--max-length", type=_positive_int, default=128, help="window in frames from scratch (default 128 = 1.28 s)")
+    tr.add_argument("--minutes", type=float, default=8.0, help="training time budget (default 8)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--threads", type=_positive_int, help="CPU threads")
+
     sub.add_parser("devices", help="list audio input devices (microphones)")
 
     record = sub.add_parser("record", help="record a source to an audio file (16 kHz mono), e.g. to collect clips")
@@ -110,6 +120,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(f"{args.config}: OK — {len(config.sources)} source(s), hop {config.hop} s, "
           f"MQTT {'on' if config.mqtt else 'off'}, model {config.model.path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from streamer.train import TrainSettings, train
+
+    if args.minutes <= 0:
+        raise StreamerError(f"--minutes must be positive, got {args.minutes}")
+    settings = TrainSettings(preset=args.preset, max_length=args.max_length, minutes=args.minutes, seed=args.seed,
+                             threads=args.threads)
+    report = train(args.data, args.out, settings, base=args.base, progress=lambda m: print(m, flush=True))
+    print(f"clip accuracy {report['clip_accuracy']:.3f} on {report['clips']} validation clips "
+          f"({report['steps']} steps, {report['seconds']:.0f} s); model in {args.out}")
+    for name, r in report["per_label"].items():
+        print(f"  {name:<20} precision {r['precision']:.2f}  recall {r['recall']:.2f}  ({r['clips']} clips)")
     return 0
 
 
@@ -240,7 +265,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "detect": cmd_detect, "labels": cmd_labels, "bench": cmd_bench, "devices": cmd_devices, "record": cmd_record,
-    "run": cmd_run, "check-config": cmd_check_config,
+    "run": cmd_run, "check-config": cmd_check_config, "train": cmd_train,
 }
 
 
