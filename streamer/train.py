@@ -61,7 +61,8 @@ class TrainSettings:
     seed: int = 0
     background: str = "background"
     snr_db: tuple[float, float] = (0.0, 30.0)  # clip level above the background
-    gain_db: tuple[float, float] = (-12.0, 6.0)
+    gain_db: tuple[float, float] = (-20.0, 6.0)
+    negative_gain_db: tuple[float, float] = (-50.0, 6.0)
     threads: int | None = None
 
 
@@ -123,8 +124,8 @@ class Mixer:
 
     def example(self, clip: np.ndarray | None) -> np.ndarray:
         bg = self.noise()
-        if clip is None:
-            return bg * np.float32(10 ** (self.rng.uniform(*self.s.gain_db) / 20))
+        if clip is None:  # background alone, from barely audible to loud: all of it means "nothing"
+            return bg * np.float32(10 ** (self.rng.uniform(*self.s.negative_gain_db) / 20))
         if len(clip) > self.span:
             start = self.rng.integers(0, len(clip) - self.span + 1)
             clip = clip[start:start + self.span]
@@ -160,7 +161,7 @@ def spec_augment(x: torch.Tensor, rng: np.random.Generator, max_freq: int = 16, 
 def fixed_examples(data: Dataset, span: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
     """Deterministic validation examples: each clip at a fixed offset over background."""
     rng = np.random.default_rng(seed + 1)
-    settings = TrainSettings(snr_db=(20.0, 20.0), gain_db=(0.0, 0.0))
+    settings = TrainSettings(snr_db=(20.0, 20.0), gain_db=(0.0, 0.0), negative_gain_db=(-20.0, -20.0))
     mixer = Mixer(data, span, settings, rng)
     waves = [mixer.example(clip) for clip, _, _ in data.clips]
     targets = [label for _, label, _ in data.clips]
@@ -226,7 +227,8 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     val_x = features(val_waves, feat)
     offset = len(labels) - len(new_labels)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.05)
+    # no weight decay on a base model: decay would move the frozen base labels' rows too
+    optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0 if base else 0.05)
     mixer = Mixer(train_data, span, settings, rng)
     deadline = time.monotonic() + settings.minutes * 60
     started, step, best = time.monotonic(), 0, None
