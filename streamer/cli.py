@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", choices=["tiny", "small"], default="small", help="model size from scratch (default small)")
     tr.add_argument("--max-length", type=_positive_int, default=128, help="window in frames from scratch (default 128 = 1.28 s)")
     tr.add_argument("--minutes", type=float, default=8.0, help="training time budget (default 8)")
+    tr.add_argument("--steps", type=_positive_int, help="a step budget instead of a time budget (reproducible)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=_positive_int, help="CPU threads")
 
@@ -129,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.minutes <= 0:
         raise StreamerError(f"--minutes must be positive, got {args.minutes}")
     settings = TrainSettings(preset=args.preset, max_length=args.max_length, minutes=args.minutes, seed=args.seed,
-                             threads=args.threads)
+                             threads=args.threads, max_steps=args.steps)
     report = train(args.data, args.out, settings, base=args.base, progress=lambda m: print(m, flush=True))
     print(f"clip accuracy {report['clip_accuracy']:.3f} on {report['clips']} validation clips "
           f"({report['steps']} steps, {report['seconds']:.0f} s); model in {args.out}")

@@ -55,6 +55,7 @@ class TrainSettings:
     max_length: int = 128  # frames of the model's window (from scratch)
     stride: int = 10  # patch stride, both axes (from scratch)
     minutes: float = 8.0  # training time budget
+    max_steps: int | None = None  # a step budget instead (reproducible whatever the machine's load)
     batch: int = 32
     lr: float = 1e-3
     val_fraction: float = 0.2
@@ -233,7 +234,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     deadline = time.monotonic() + settings.minutes * 60
     started, step, best = time.monotonic(), 0, None
     warmup = 50
-    while time.monotonic() < deadline:
+    while (step < settings.max_steps) if settings.max_steps else (time.monotonic() < deadline):
         model.train()
         picks = rng.integers(0, len(train_data.clips), settings.batch)
         negative = rng.random(settings.batch) < NEGATIVE_FRACTION
@@ -246,7 +247,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
             else:
                 waves.append(mixer.example(None))
         x = spec_augment(features(waves, feat), rng)
-        elapsed = (time.monotonic() - started) / (settings.minutes * 60)
+        elapsed = step / settings.max_steps if settings.max_steps else (time.monotonic() - started) / (settings.minutes * 60)
         lr = settings.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed)))
         for group in optimiser.param_groups:
             group["lr"] = lr
