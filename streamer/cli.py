@@ -189,7 +189,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         raise StreamerError(f"source {source.name}: {source.error}")
     audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
     sf.write(str(args.out), audio, SAMPLE_RATE_HZ, subtype="FLOAT" if args.out.suffix.lower() == ".wav" else "PCM_24")
-    lost = getattr(source, "lost", source.ring.lost)
+    lost = source.lost
     print(f"recorded {len(audio) / SAMPLE_RATE_HZ:.2f} s from {source.describe()} to {args.out} "
           f"(overflows {source.stats.overflows}, lost samples {lost})", file=sys.stderr)
     return 0

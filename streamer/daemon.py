@@ -57,8 +57,7 @@ def make_source(sc, ring_seconds: float) -> Source:
     if sc.type == "mic":
         return MicSource(sc.name, device=sc.device, channels=sc.channels, channel=sc.channel, gain=sc.gain, ring_seconds=ring_seconds)
     if sc.type == "ffmpeg":
-        return FfmpegSource(sc.name, sc.url, realtime=sc.realtime and not sc.url.startswith(("rtsp", "http", "udp", "srt", "rtmp")),
-                            gain=sc.gain, ring_seconds=ring_seconds)
+        return FfmpegSource(sc.name, sc.url, realtime=sc.realtime, gain=sc.gain, ring_seconds=ring_seconds)
     return FileSource(sc.name, sc.path, realtime=sc.realtime, loop=sc.loop, gain=sc.gain, ring_seconds=ring_seconds)
 
 
@@ -204,7 +203,7 @@ class Daemon:
         m.skipped.set(self.worker.stats.skipped)
         m.pending.set(self.worker.pending())
         for source in self.sources:
-            m.lost.labels(source.name).set(getattr(source, "lost", source.ring.lost))
+            m.lost.labels(source.name).set(source.lost)
             m.overflows.labels(source.name).set(source.stats.overflows)
             for state in ("starting", "running", "retrying", "ended", "failed", "stopped"):
                 m.source_up.labels(source.name, state).set(1 if source.state.value == state else 0)

@@ -13,7 +13,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from streamer.capture.sources import FfmpegSource, FileSource, MicSource, Source
+from streamer.capture.sources import LIVE_URL_SCHEMES, FfmpegSource, FileSource, MicSource, Source
+from streamer.constants import SAMPLE_RATE_HZ
 from streamer.errors import StreamerError
 from streamer.frontend import LEVEL_FLOOR_DBFS, dbfs
 from streamer.model.config import FeatureConfig
@@ -23,7 +24,6 @@ log = logging.getLogger(__name__)
 
 READ_POLL_S = 0.01
 MAX_READ_SECONDS = 1.0  # audio taken per read: bounds the frontend's work per step
-URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
 
 class StreamReader:
@@ -60,7 +60,7 @@ class StreamReader:
     def step(self) -> bool:
         """Process what the ring holds now; False once the source is finished and drained."""
         ring = self.source.ring
-        position, samples = ring.read(int(MAX_READ_SECONDS * 16000))
+        position, samples = ring.read(int(MAX_READ_SECONDS * SAMPLE_RATE_HZ))
         if len(samples):
             self.level_dbfs = dbfs(samples)
             for window in self.windows.push(samples, position, self.source.clock):
@@ -99,9 +99,9 @@ def source_from_spec(spec: str, name: str | None = None, realtime: bool = True, 
     kind, _, rest = spec.partition(":")
     if spec == "mic" or kind == "mic":
         return MicSource(name or "mic", device=rest or None, **kwargs)
-    if kind == "ffmpeg" or spec.startswith(URL_SCHEMES):
+    if kind == "ffmpeg" or spec.startswith(LIVE_URL_SCHEMES):
         url = rest if kind == "ffmpeg" else spec
-        return FfmpegSource(name or "stream", url, realtime=realtime and not spec.startswith(URL_SCHEMES), **kwargs)
+        return FfmpegSource(name or "stream", url, realtime=realtime, **kwargs)
     path = Path(rest if kind == "file" else spec)
     if kind == "file" or path.exists():
         return FileSource(name or path.stem, path, realtime=realtime, **kwargs)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from streamer.capture.files import read_audio
 from streamer.errors import StreamerError
-from streamer.frontend import FRAME_SHIFT, log_mel, window_samples
+from streamer.frontend import log_mel, window_samples
 from streamer.model.ast import AudioSpectrogramTransformer
 from streamer.model.checkpoint import LoadedModel, load_model, save_checkpoint
 from streamer.model.config import ASTConfig, FeatureConfig

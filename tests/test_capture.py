@@ -5,8 +5,6 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
-import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,8 +14,8 @@ import pytest
 import soundfile as sf
 
 from conftest import real_clips, run_cli, write_wav
+from mqtt_helpers import free_port, wait_for
 from streamer.capture.files import read_audio
-from streamer.capture.resample import resample
 from streamer.capture.ring import RingBuffer
 from streamer.capture.sources import Backoff, FfmpegSource, FileSource, SourceState
 from streamer.model.config import FeatureConfig
@@ -32,15 +30,6 @@ def need(tool: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{tool} is not installed (.ci/run should have installed it)")
         pytest.skip(f"{tool} is not installed")
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # ---------------------------------------------------------------- ring buffer
@@ -193,12 +182,6 @@ class ToneStream(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(port: int) -> http.server.ThreadingHTTPServer:

@@ -10,7 +10,7 @@ import pytest
 from conftest import real_clips, run_cli, write_wav
 from streamer.capture.files import read_audio
 from streamer.errors import StreamerError
-from streamer.events import DetectSettings, EventSmoother, TargetSettings
+from streamer.events import DetectSettings, EventSmoother
 
 LABELS = ("Smoke detector, smoke alarm", "Fire alarm", "Siren", "Speech", "Dog")
 WINDOW = 164080

@@ -97,12 +97,7 @@ class RingBuffer:
         if max_frames is not None:
             count = min(count, max_frames)
         start_pos = self.read_pos
-        start = start_pos % self.capacity
-        first = min(count, self.capacity - start)
-        out = np.empty((count, self.channels), dtype=np.float32)
-        out[:first] = self._data[start:start + first]
-        if count > first:
-            out[first:] = self._data[: count - first]
+        out = self._copy_out(start_pos, count)
         # the writer may have lapped us during the copy, or be writing over our start right
         # now (its ``written`` not yet moved): drop what could be torn
         torn = self._writing_to - self.capacity - start_pos
@@ -114,6 +109,16 @@ class RingBuffer:
         self.read_pos = start_pos + out.shape[0]
         self._space.set()
         return start_pos, (out[:, 0] if self.channels == 1 else out)
+
+    def _copy_out(self, position: int, count: int) -> np.ndarray:
+        """``count`` frames from ``position`` on, unwrapped into a new ``(count, channels)`` array."""
+        start = position % self.capacity
+        first = min(count, self.capacity - start)
+        out = np.empty((count, self.channels), dtype=np.float32)
+        out[:first] = self._data[start:start + first]
+        if count > first:
+            out[first:] = self._data[: count - first]
+        return out
 
     def wall_time(self, position: int, rate: float) -> float | None:
         """Wall-clock time of the sample at ``position``, from the newest anchor."""
@@ -133,13 +138,7 @@ class RingBuffer:
             return np.zeros((0,) if self.channels == 1 else (0, self.channels), dtype=np.float32)
         if start < self._writing_to - self.capacity:
             return None
-        count = end - start
-        first_index = start % self.capacity
-        first = min(count, self.capacity - first_index)
-        out = np.empty((count, self.channels), dtype=np.float32)
-        out[:first] = self._data[first_index:first_index + first]
-        if count > first:
-            out[first:] = self._data[: count - first]
+        out = self._copy_out(start, end - start)
         if start < self._writing_to - self.capacity:  # overwritten while we copied
             return None
         return out[:, 0] if self.channels == 1 else out

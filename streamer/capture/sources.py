@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from streamer.capture.files import BLOCK_SECONDS, iter_audio, to_mono
 from streamer.capture.resample import StreamingResampler
 from streamer.capture.ring import RingBuffer
 from streamer.constants import SAMPLE_RATE_HZ
-from streamer.errors import AudioError, StreamerError
+from streamer.errors import StreamerError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 BACKOFF_JITTER = 0.25  # ± fraction of each delay, so that many sources don't retry in step
 STDERR_LINES_KEPT = 20
+LIVE_URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
 
 class SourceState(str, enum.Enum):
@@ -107,6 +108,11 @@ class Source:
             self._thread.join(timeout)
         if self.state not in (SourceState.ENDED, SourceState.FAILED):
             self.state = SourceState.STOPPED
+
+    @property
+    def lost(self) -> int:
+        """Samples lost to overruns of this source's rings."""
+        return self.ring.lost
 
     @property
     def finished(self) -> bool:
@@ -202,7 +208,7 @@ class FfmpegSource(Source):
     ) -> None:
         super().__init__(name, **kwargs)
         self.url = url
-        self.realtime = realtime
+        self.realtime = realtime and not url.startswith(LIVE_URL_SCHEMES)  # a live stream paces itself
         self.restart = restart
         self.stall_seconds = stall_seconds
         self.ffmpeg = ffmpeg
