@@ -8,6 +8,7 @@ environment variable NAME (for secrets); a missing variable is an error.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class ModelConfig:
     max_batch: int = 8
     max_wait_ms: float = 20.0
     threads: int | None = None
+    added_delay_ms: float = 0.0  # rehearsal knob: slow every batch down by this much
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,12 @@ class Config:
 
 
 SECTIONS = {"model", "sources", "hop", "ring_seconds", "detect", "mqtt", "console", "logging", "level_interval", "metrics", "clips"}
-MODEL_KEYS = {"path", "device", "precision", "max_batch", "max_wait_ms", "threads"}
+MODEL_KEYS = {"path", "device", "precision", "max_batch", "max_wait_ms", "threads", "added_delay_ms"}
 SOURCE_KEYS = {"name", "type", "device", "path", "url", "gain", "channels", "channel", "realtime", "loop"}
 MQTT_KEYS = {"enabled", "host", "port", "prefix", "instance", "client_id", "username", "password", "keepalive",
              "protocol", "tls", "queue_size", "homeassistant", "discovery_prefix", "event_expiry"}
 TLS_KEYS = {"ca", "cert", "key", "key_password", "insecure"}
+SECRET_KEYS = {"password", "key_password"}  # their values never appear in a message
 
 
 class _Checker:
@@ -123,7 +126,11 @@ class _Checker:
         ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))  # YAML's true is no number
         if not ok:
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            self.error(path + (key,), f"expected {names}, got {value!r}")
+            shown = "a value of another type (not shown: a secret)" if key in SECRET_KEYS else repr(value)
+            self.error(path + (key,), f"expected {names}, got {shown}")
+            return default
+        if isinstance(value, float) and not math.isfinite(value):
+            self.error(path + (key,), f"expected a finite number, got {value}")
             return default
         if choices is not None and value not in choices:
             self.error(path + (key,), f"must be one of {', '.join(map(str, choices))}, got {value!r}")
@@ -170,6 +177,8 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
     try:
         node = yaml.compose(text)
         raw = yaml.safe_load(text)
@@ -194,6 +203,7 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
         max_batch=check.typed(m, "max_batch", int, ("model",), 8, 1, 1024),
         max_wait_ms=float(check.typed(m, "max_wait_ms", (int, float), ("model",), 20.0, 0, 10_000)),
         threads=check.typed(m, "threads", int, ("model",), None, 1, 1024),
+        added_delay_ms=float(check.typed(m, "added_delay_ms", (int, float), ("model",), 0.0, 0, 600_000)),
     )
 
     sources: list[SourceConfig] = []
@@ -257,8 +267,10 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
         tls = None
         if t:
             t = check.keys(t, TLS_KEYS, ("mqtt", "tls"))
-            tls = TlsSettings(ca_certs=t.get("ca"), certfile=t.get("cert"), keyfile=t.get("key"),
-                              keyfile_password=t.get("key_password"), insecure=bool(t.get("insecure", False)))
+            tp = ("mqtt", "tls")
+            tls = TlsSettings(ca_certs=check.typed(t, "ca", str, tp), certfile=check.typed(t, "cert", str, tp),
+                              keyfile=check.typed(t, "key", str, tp), keyfile_password=check.typed(t, "key_password", str, tp),
+                              insecure=check.typed(t, "insecure", bool, tp, False))
         mqtt = MqttSettings(
             host=host or "localhost",
             port=overrides.get("mqtt_port") or check.typed(q, "port", int, ("mqtt",), 1883, 1, 65535),
@@ -299,8 +311,9 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
             max_age_s=float(check.typed(cl, "max_days", (int, float), ("clips",), 30, 0.001, 36500)) * 86400,
         )
     ring_seconds = float(check.typed(raw, "ring_seconds", (int, float), (), 30.0, 12, 3600))
+    level_interval = float(check.typed(raw, "level_interval", (int, float), (), 10.0, 0.1, 86400))
     if check.problems:
         raise ConfigError(check.problems)
     return Config(model=model, sources=tuple(sources), hop=float(hop), detect=detect, mqtt=mqtt, console=console,
                   log_level=level, ring_seconds=ring_seconds,
-                  level_interval_s=float(raw.get("level_interval", 10.0)), metrics=metrics, clips=clips)
+                  level_interval_s=level_interval, metrics=metrics, clips=clips)

@@ -69,7 +69,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._lock = threading.Lock()
-        self.events: list[Event] = []
+        self.raised = 0  # events (ON and OFF) handed to the sinks: counted, not kept, so memory stays flat
 
     # -- wiring ---------------------------------------------------------------------------
     def _sinks(self, event: Event) -> None:
@@ -79,7 +79,7 @@ class Daemon:
                 event = replace(event, clip=str(path))
         if self.metrics:
             self.metrics.events.labels(event.stream, event.target, event.state).inc()
-        self.events.append(event)
+        self.raised += 1
         if self.mqtt:
             self.mqtt.publish_event(event)
         self.printer.event(event)
@@ -118,7 +118,8 @@ class Daemon:
         self.metrics = Metrics() if cfg.metrics else None
         self.clips = ClipWriter(cfg.clips) if cfg.clips else None
         self.worker = InferenceWorker(self.engine, self._on_result, cfg.model.max_wait_ms,
-                                      on_batch=self.metrics.batch.observe if self.metrics else None)
+                                      on_batch=self.metrics.batch.observe if self.metrics else None,
+                                      added_delay_s=cfg.model.added_delay_ms / 1000)
         self.readers = []
         for source in self.sources:
             self.worker.register_stream(source.name)
@@ -205,11 +206,15 @@ class Daemon:
         for source in self.sources:
             m.lost.labels(source.name).set(source.lost)
             m.overflows.labels(source.name).set(source.stats.overflows)
+            m.nonfinite.labels(source.name).set(source.stats.nonfinite)
+            m.restarts.labels(source.name).set(source.stats.restarts)
             for state in ("starting", "running", "retrying", "ended", "failed", "stopped"):
                 m.source_up.labels(source.name, state).set(1 if source.state.value == state else 0)
         if self.mqtt:
             m.mqtt_queue.set(self.mqtt.queue_length())
             m.mqtt_dropped.set(self.mqtt.stats.dropped)
+            m.mqtt_events_delivered.set(self.mqtt.stats.events_delivered)
+            m.mqtt_events_dropped.set(self.mqtt.stats.events_dropped)
             m.mqtt_connected.set(1 if self.mqtt.connected else 0)
         if self.clips:
             m.clip_errors.set(self.clips.errors)
@@ -252,6 +257,11 @@ class Daemon:
             self.view.stop()
         if self.mqtt:
             self.mqtt.stop(timeout=STOP_TIMEOUT_S)
+            st = self.mqtt.stats
+            log.info("events: raised %d; mqtt delivered %d, dropped %d (queue full), unsent %d (broker unreachable at exit)",
+                     self.raised, st.events_delivered, st.events_dropped, st.events_unsent)
+        else:
+            log.info("events: raised %d", self.raised)
         if self.clips:
             self.clips.close()
         if self.metrics_server:

@@ -19,6 +19,8 @@ cost little; only the rare ON/OFF transitions are Python objects.
 
 from __future__ import annotations
 
+import math
+
 import fnmatch
 import logging
 import re
@@ -51,6 +53,15 @@ class TargetSettings:
     combine: str = "max"  # how a group's labels make one score
 
     def check(self, where: str) -> None:
+        for key, spec in self.__dataclass_fields__.items():
+            value, default = getattr(self, key), spec.default
+            if isinstance(default, str):
+                if not isinstance(value, str):
+                    raise StreamerError(f"{where}: {key} must be text, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise StreamerError(f"{where}: {key} must be a finite number, got {value!r}")
+            elif isinstance(default, int) and not isinstance(value, int):
+                raise StreamerError(f"{where}: {key} must be a whole number, got {value!r}")
         for key in ("on_threshold", "off_threshold"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
@@ -103,6 +114,9 @@ class DetectSettings:
         defaults.check(f"{where}.defaults")
         groups: dict[str, tuple[str, ...]] = {}
         overrides: dict[str, dict[str, Any]] = {}
+        for key in ("groups", "targets"):
+            if not isinstance(raw.get(key) or {}, dict):
+                raise StreamerError(f"{where}.{key}: expected a mapping of names to settings")
         for name, spec in (raw.get("groups") or {}).items():
             if isinstance(spec, dict):
                 _known(spec, {"labels", "combine"}, f"{where}.groups.{name}")

@@ -326,8 +326,13 @@ class InferenceWorker:
         on_result: Callable[[Result], None],
         max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
         on_batch: Callable[[int], None] | None = None,
+        added_delay_s: float = 0.0,
     ) -> None:
         self.engine = engine
+        # a rehearsal knob: every batch takes this much longer, to see overload handled
+        # (skipped windows counted, latency bounded) and a stall caught by the watchdog
+        self.added_delay_s = added_delay_s
+        self._wake = threading.Event()
         self.on_batch = on_batch
         self.on_result = on_result
         self.max_wait_s = max_wait_ms / 1000.0
@@ -383,6 +388,7 @@ class InferenceWorker:
         with self._cond:
             self._stopping, self._drain = True, drain
             self._cond.notify()
+        self._wake.set()
         if self._thread:
             self._thread.join(timeout)
             self._delivery.join(timeout)
@@ -428,6 +434,8 @@ class InferenceWorker:
                 log.exception("inference failed for %d windows", len(batch))
                 self.stats.failed += len(batch)
                 continue
+            if self.added_delay_s:
+                self._wake.wait(self.added_delay_s)
             done = time.monotonic()
             self.last_progress = done
             self.stats.processed += len(batch)

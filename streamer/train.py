@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from streamer.capture.files import read_audio
+from streamer.constants import SAMPLE_RATE_HZ
 from streamer.errors import StreamerError
 from streamer.frontend import log_mel, window_samples
 from streamer.model.ast import AudioSpectrogramTransformer
@@ -47,6 +48,10 @@ PRESETS = {
 }
 THRESHOLD = 0.5
 NEGATIVE_FRACTION = 0.25  # examples of background alone: the model must learn to say "nothing"
+ACTIVE_FRAME_SAMPLES = 800  # 50 ms frames for finding where in a long clip the sound is
+ACTIVE_DB = 20.0
+BAND_LIMIT_HZ = (2500.0, 7000.0)  # its cutoff
+BAND_LIMIT_ROLLOFF_HZ = 500.0  # a frame is part of the sound when within this of the clip's loudest frame
 
 
 @dataclass
@@ -64,6 +69,7 @@ class TrainSettings:
     snr_db: tuple[float, float] = (0.0, 30.0)  # clip level above the background
     gain_db: tuple[float, float] = (-20.0, 6.0)
     negative_gain_db: tuple[float, float] = (-50.0, 6.0)
+    band_limit: float = 0.4  # fraction of examples given a random low-pass (see Mixer.band_limit)
     threads: int | None = None
 
 
@@ -123,20 +129,52 @@ class Mixer:
             pos += take
         return out
 
+    def crop(self, clip: np.ndarray) -> np.ndarray:
+        """A window-long piece of a longer clip that holds some of the sound itself.
+
+        Long clips have pauses (the crying-baby clips are zeroed between cries): a crop of a
+        pause labelled with the clip's label teaches the model that quiet means that label.
+        So the crop is placed around a random active frame (within ``ACTIVE_DB`` of the
+        clip's loudest frame).
+        """
+        frames = len(clip) // ACTIVE_FRAME_SAMPLES
+        energy = (clip[: frames * ACTIVE_FRAME_SAMPLES].reshape(frames, -1).astype(np.float64) ** 2).mean(axis=1)
+        level = 10 * np.log10(energy + 1e-12)
+        active = np.flatnonzero(level >= level.max() - ACTIVE_DB)
+        frame_start = int(active[self.rng.integers(len(active))]) * ACTIVE_FRAME_SAMPLES
+        lo = max(0, frame_start + ACTIVE_FRAME_SAMPLES - self.span)
+        hi = min(len(clip) - self.span, frame_start)
+        start = int(self.rng.integers(lo, hi + 1))
+        return clip[start:start + self.span]
+
     def example(self, clip: np.ndarray | None) -> np.ndarray:
         bg = self.noise()
         if clip is None:  # background alone, from barely audible to loud: all of it means "nothing"
-            return bg * np.float32(10 ** (self.rng.uniform(*self.s.negative_gain_db) / 20))
+            return self.band_limit(bg) * np.float32(10 ** (self.rng.uniform(*self.s.negative_gain_db) / 20))
         if len(clip) > self.span:
-            start = self.rng.integers(0, len(clip) - self.span + 1)
-            clip = clip[start:start + self.span]
+            clip = self.crop(clip)
         offset = self.rng.integers(0, self.span - len(clip) + 1)
         rms_clip = np.sqrt(np.mean(clip**2)) + 1e-8
         rms_bg = np.sqrt(np.mean(bg**2)) + 1e-8
         snr = self.rng.uniform(*self.s.snr_db)
         bg = bg * np.float32(rms_clip / rms_bg / 10 ** (snr / 20))
         bg[offset:offset + len(clip)] += clip
-        return bg * np.float32(10 ** (self.rng.uniform(*self.s.gain_db) / 20))
+        return self.band_limit(bg) * np.float32(10 ** (self.rng.uniform(*self.s.gain_db) / 20))
+
+    def band_limit(self, wave: np.ndarray) -> np.ndarray:
+        """Sometimes a random low-pass, to examples of every label and to background alone.
+
+        Recordings of one label often share a bandwidth (the crying-baby clips were sampled at
+        8 kHz, so nothing lies above 4 kHz): without this the model learns "no high
+        frequencies" as that label and fires on any dull background.
+        """
+        if self.rng.random() >= self.s.band_limit:
+            return wave
+        cutoff = self.rng.uniform(*BAND_LIMIT_HZ)
+        spectrum = np.fft.rfft(wave)
+        freqs = np.fft.rfftfreq(len(wave), 1 / SAMPLE_RATE_HZ)
+        spectrum *= np.clip((cutoff + BAND_LIMIT_ROLLOFF_HZ - freqs) / BAND_LIMIT_ROLLOFF_HZ, 0.0, 1.0)
+        return np.fft.irfft(spectrum, len(wave)).astype(np.float32)
 
 
 def features(waves: list[np.ndarray], feat: FeatureConfig) -> torch.Tensor:
@@ -162,7 +200,7 @@ def spec_augment(x: torch.Tensor, rng: np.random.Generator, max_freq: int = 16, 
 def fixed_examples(data: Dataset, span: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
     """Deterministic validation examples: each clip at a fixed offset over background."""
     rng = np.random.default_rng(seed + 1)
-    settings = TrainSettings(snr_db=(20.0, 20.0), gain_db=(0.0, 0.0), negative_gain_db=(-20.0, -20.0))
+    settings = TrainSettings(snr_db=(20.0, 20.0), gain_db=(0.0, 0.0), negative_gain_db=(-20.0, -20.0), band_limit=0.0)
     mixer = Mixer(data, span, settings, rng)
     waves = [mixer.example(clip) for clip, _, _ in data.clips]
     targets = [label for _, label, _ in data.clips]

@@ -86,13 +86,16 @@ class Received:
 class Subscriber:
     """A separate paho client that records every message on the given topics."""
 
-    def __init__(self, port: int, topics: list[str], client_id: str | None = None, persistent: bool = False, **tls) -> None:
+    def __init__(self, port: int, topics: list[str], client_id: str | None = None, persistent: bool = False,
+                 username: str | None = None, password: str | None = None, **tls) -> None:
         self.messages: list[Received] = []
         self.lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"sub-{time.monotonic_ns()}",
                                   clean_session=not persistent)
         if tls:
             self.client.tls_set(ca_certs=tls["ca"])
+        if username:
+            self.client.username_pw_set(username, password)
         self.topics = topics
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect

@@ -7,7 +7,8 @@ of the same audio.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,24 @@ from streamer.capture.resample import StreamingResampler
 from streamer.errors import AudioError
 from streamer.constants import SAMPLE_RATE_HZ
 
+log = logging.getLogger(__name__)
+
 BLOCK_SECONDS = 10.0
+MAX_ABS_SAMPLE = 100.0  # full scale is 1.0; beyond this a float sample is damage, not audio
+
+
+def sanitise(samples: np.ndarray) -> tuple[np.ndarray, int]:
+    """Samples made safe for the frontend, and how many had to change.
+
+    NaN/inf become 0 and absurd magnitudes (a damaged float file: 1e30 would overflow the
+    power spectrum to inf) are clipped to ``MAX_ABS_SAMPLE``; ordinary audio, clipped at
+    full scale or not, passes unchanged and uncopied.
+    """
+    bad = ~np.isfinite(samples) | (np.abs(samples) > MAX_ABS_SAMPLE)
+    if not bad.any():
+        return samples, 0
+    fixed = np.clip(np.where(np.isfinite(samples), samples, np.float32(0)), -MAX_ABS_SAMPLE, MAX_ABS_SAMPLE).astype(np.float32)
+    return fixed, int(bad.sum())
 
 
 def _open(path: Path) -> sf.SoundFile:
@@ -42,20 +60,30 @@ def to_mono(block: np.ndarray) -> np.ndarray:
     return block[:, 0].copy() if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
 
 
-def iter_audio(path: str | Path, block_seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
-    """Yield the file's audio as 16 kHz mono float32 blocks, in order."""
+def iter_audio(path: str | Path, block_seconds: float = BLOCK_SECONDS,
+               on_damaged: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+    """Yield the file's audio as 16 kHz mono float32 blocks, in order.
+
+    Damaged samples (see :func:`sanitise`) are fixed before resampling, so that they do not
+    spread; ``on_damaged`` receives their count per block, else one warning is logged.
+    """
     path = Path(path)
     with _open(path) as f:
         if f.samplerate <= 0 or f.channels <= 0:
             raise AudioError(f"{path}: invalid header ({f.samplerate} Hz, {f.channels} channels)")
         resampler = StreamingResampler(f.samplerate, SAMPLE_RATE_HZ)
         block_frames = max(1, int(block_seconds * f.samplerate))
+        damaged = 0
         try:
             while True:
                 block = f.read(block_frames, dtype="float32", always_2d=True)
                 if block.shape[0] == 0:
                     break
-                out = resampler.process(to_mono(block))
+                mono, bad = sanitise(to_mono(block))
+                damaged += bad
+                if bad and on_damaged:
+                    on_damaged(bad)
+                out = resampler.process(mono)
                 if out.size:
                     yield out
         except (sf.LibsndfileError, RuntimeError) as exc:
@@ -63,6 +91,8 @@ def iter_audio(path: str | Path, block_seconds: float = BLOCK_SECONDS) -> Iterat
         tail = resampler.flush()
         if tail.size:
             yield tail
+        if damaged and not on_damaged:
+            log.warning("%s: %d samples were NaN, inf or absurdly large; replaced", path, damaged)
 
 
 def read_audio(path: str | Path) -> np.ndarray:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.capture.files import BLOCK_SECONDS, iter_audio, to_mono
+from streamer.capture.files import BLOCK_SECONDS, iter_audio, sanitise, to_mono
 from streamer.capture.resample import StreamingResampler
 from streamer.capture.ring import RingBuffer
 from streamer.constants import SAMPLE_RATE_HZ
@@ -131,12 +131,17 @@ class Source:
         self.state, self.error = state, error
 
     def _emit(self, samples: np.ndarray, wall_end: float | None, block: bool = False) -> None:
+        samples, bad = sanitise(samples)  # NaN/inf/absurd values (a broken stream or file): fixed and counted
+        self.stats.nonfinite += bad
         if self.gain != 1.0:
             samples = samples * np.float32(self.gain)
         self.stats.samples += len(samples)
         while not self._stop.is_set():
             if self.ring.write(samples, wall_end, block=block, timeout=0.2 if block else None) or len(samples) == 0:
                 return
+
+    def _count_damaged(self, count: int) -> None:
+        self.stats.nonfinite += count
 
     def _run_guarded(self) -> None:
         try:
@@ -172,7 +177,7 @@ class FileSource(Source):
         sent = 0
         while not self._stop.is_set():
             self._set(SourceState.RUNNING)
-            for chunk in iter_audio(self.path, block_seconds=block):
+            for chunk in iter_audio(self.path, block_seconds=block, on_damaged=self._count_damaged):
                 if self._stop.is_set():
                     return
                 if self.realtime:
@@ -219,7 +224,8 @@ class FfmpegSource(Source):
     def command(self) -> list[str]:
         cmd = [self.ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error",
                # start from the first packets instead of analysing seconds of a live stream
-               "-fflags", "nobuffer", "-probesize", str(FFMPEG_PROBE_BYTES), "-analyzeduration", str(FFMPEG_ANALYZE_US)]
+               # (not "-fflags nobuffer": it throws the probed packets away, i.e. the first audio)
+               "-probesize", str(FFMPEG_PROBE_BYTES), "-analyzeduration", str(FFMPEG_ANALYZE_US)]
         if self.realtime:
             cmd.append("-re")
         return cmd + ["-i", self.url, "-vn", "-ac", "1", "-ar", str(SAMPLE_RATE_HZ),
@@ -272,10 +278,6 @@ class FfmpegSource(Source):
                 leftover = data[usable:]
                 if usable:
                     samples = np.frombuffer(data[:usable], dtype="<f4")
-                    if not np.isfinite(samples).all():
-                        bad = ~np.isfinite(samples)
-                        self.stats.nonfinite += int(bad.sum())
-                        samples = np.where(bad, np.float32(0), samples)
                     last_data = time.monotonic()
                     if not got_data:
                         got_data = True

@@ -223,6 +223,9 @@ def load_state_into(model: AudioSpectrogramTransformer, state: dict[str, torch.T
         problems.append(f"non-float tensors: {_describe(not_float)}")
     if problems:
         raise CheckpointError(f"{source}: weights do not fit the architecture in config.json: " + "; ".join(problems))
+    not_finite = sorted(n for n in expected if not torch.isfinite(state[n]).all())
+    if not_finite:  # NaN/inf weights would make every score NaN: nothing would ever be detected
+        raise CheckpointError(f"{source}: weights with NaN or inf values: {_describe(not_finite)}")
     params = {n: state[n].to(torch.float32).contiguous() for n in expected}
     model.load_state_dict(params, strict=True, assign=True)
 

@@ -88,14 +88,22 @@ class Message:
     qos: int = QOS_EVENTS
     retain: bool = False
     expiry_s: int | None = None
+    is_event: bool = False  # an ON/OFF event message, counted on its own so events can be accounted for
 
 
 @dataclass
 class MqttStats:
+    """Messages of every kind, and event messages alone: ``events_queued`` ends up as
+    ``events_delivered + events_dropped + events_unsent`` (still queued at exit)."""
+
     queued: int = 0
     delivered: int = 0
     dropped: int = 0
     connects: int = 0
+    events_queued: int = 0
+    events_delivered: int = 0
+    events_dropped: int = 0
+    events_unsent: int = 0
 
 
 class MqttPublisher:
@@ -113,6 +121,8 @@ class MqttPublisher:
         self._stopping = False
         self._last_drop_log = 0.0
         self._dropped_since_log = 0
+        self._in_flight: Message | None = None  # the message the sender is waiting on
+        self._released: Message | None = None  # the in-flight message, if a full queue let it go
         self._client = self._make_client()
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
 
@@ -250,7 +260,7 @@ class MqttPublisher:
         """Queue an event (ON or OFF) and the target's new retained state."""
         self._states[(event.stream, event.target)] = event.state
         expiry = self.settings.event_expiry_s if self.settings.protocol == "5" else None
-        self._enqueue(Message(self.events_topic(event.stream), json.dumps(event.as_dict()), expiry_s=expiry))
+        self._enqueue(Message(self.events_topic(event.stream), json.dumps(event.as_dict()), expiry_s=expiry, is_event=True))
         self._enqueue(Message(self.state_topic(event.stream, event.target), event.state, retain=True))
 
     def publish_source_state(self, stream: str, state: str) -> None:
@@ -265,16 +275,28 @@ class MqttPublisher:
     def _enqueue(self, message: Message) -> None:
         with self._cond:
             if len(self._queue) >= self.settings.queue_size:
-                self._queue.popleft()
-                self.stats.dropped += 1
-                self._dropped_since_log += 1
-                now = time.monotonic()
-                if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
-                    log.warning("mqtt: queue full (%d): dropped %d oldest messages", self.settings.queue_size, self._dropped_since_log)
-                    self._last_drop_log, self._dropped_since_log = now, 0
+                self._drop_oldest()
             self._queue.append(message)
             self.stats.queued += 1
+            self.stats.events_queued += message.is_event
             self._cond.notify_all()
+
+    def _drop_oldest(self) -> None:
+        """Make room in a full queue. The message being sent stays: its fate (delivered or
+        not) is counted by the sender, so every message is counted exactly once."""
+        index = 1 if self._queue[0] is self._in_flight and len(self._queue) > 1 else 0
+        oldest = self._queue[index]
+        del self._queue[index]
+        if oldest is self._in_flight:  # a queue of one: the sender counts it
+            self._released = oldest
+            return
+        self.stats.dropped += 1
+        self.stats.events_dropped += oldest.is_event
+        self._dropped_since_log += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
+            log.warning("mqtt: queue full (%d): dropped %d oldest messages", self.settings.queue_size, self._dropped_since_log)
+            self._last_drop_log, self._dropped_since_log = now, 0
 
     def queue_length(self) -> int:
         return len(self._queue)
@@ -286,14 +308,22 @@ class MqttPublisher:
                     self._cond.wait(0.5)
                 if self._stopping and (not self._queue or not self.connected):
                     return
-                message = self._queue[0]
-            if self._send(message):
-                with self._cond:
-                    try:  # a reconnect may have put its greeting in front of it
-                        self._queue.remove(message)
-                    except ValueError:
-                        pass
+                message = self._in_flight = self._queue[0]
+            sent = self._send(message)
+            with self._cond:
+                self._in_flight = None
+                released, self._released = self._released is message, None
+                if sent:
+                    # by identity: a reconnect may have put its greeting in front of it
+                    for i, queued in enumerate(self._queue):
+                        if queued is message:
+                            del self._queue[i]
+                            break
                     self.stats.delivered += 1
+                    self.stats.events_delivered += message.is_event
+                elif released:  # let go by a full queue while the connection failed under it
+                    self.stats.dropped += 1
+                    self.stats.events_dropped += message.is_event
 
     def _send(self, message: Message) -> bool:
         """Hand one message to paho and wait for its PUBACK; False if the connection went."""
@@ -329,5 +359,6 @@ class MqttPublisher:
                 pass
         self._client.disconnect()
         self._client.loop_stop()
+        self.stats.events_unsent = sum(m.is_event for m in self._queue)
         if self._queue:
-            log.warning("mqtt: %d messages were still queued at exit", len(self._queue))
+            log.warning("mqtt: %d messages (%d events) were still queued at exit", len(self._queue), self.stats.events_unsent)

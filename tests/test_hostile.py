@@ -1,0 +1,318 @@
+"""Hostile input: any config document, random audio bytes, lying checkpoints, secrets.
+
+Every case ends in a value or a clear one-line error of our own type — never another
+exception, never a hang, and never a secret in what the user or the broker sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import REPO, run_cli, write_wav
+from mqtt_helpers import Broker, Subscriber, wait_for
+from streamer.capture.files import read_audio
+from streamer.capture.sources import Backoff, FfmpegSource, SourceState
+from streamer.config import MODEL_KEYS, MQTT_KEYS, SECTIONS, SOURCE_KEYS, TLS_KEYS, Config, ConfigError, load_config
+from streamer.errors import StreamerError
+from streamer.model import load_model
+
+# -- the config loader --------------------------------------------------------------------
+
+KNOWN_KEYS = sorted(SECTIONS | MODEL_KEYS | SOURCE_KEYS | MQTT_KEYS | TLS_KEYS | {
+    "defaults", "targets", "include", "exclude", "groups", "on_threshold", "off_threshold", "hold", "min_on",
+    "smoothing", "cooldown", "labels", "mode", "level", "enabled", "directory", "pre", "post", "max_mb", "max_days",
+})
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20), st.sampled_from(["mic", "file", "ffmpeg", "fp32", "int8", "cpu", "max", "ema", "${HOME}", "${NOPE_X}", "3.1.1"]),
+)
+keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=12), st.integers(-5, 5), st.booleans())
+documents = st.recursive(
+    scalars,
+    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(keys, children, max_size=6)),
+    max_leaves=30,
+)
+# whole documents shaped like ours, so that the deep branches are reached, not just the top
+shaped = st.fixed_dictionaries({}, optional={
+    "model": st.dictionaries(st.sampled_from(sorted(MODEL_KEYS)), scalars, max_size=4),
+    "sources": st.one_of(scalars, st.lists(st.dictionaries(st.sampled_from(sorted(SOURCE_KEYS)), scalars, max_size=6), max_size=3)),
+    "hop": scalars, "ring_seconds": scalars, "level_interval": scalars,
+    "detect": documents, "mqtt": st.one_of(scalars, st.dictionaries(st.sampled_from(sorted(MQTT_KEYS)), st.one_of(scalars, documents), max_size=6)),
+    "console": documents, "logging": documents, "metrics": documents, "clips": documents,
+})
+
+
+def _load(tmp_path: Path, text: str):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        assert exc.problems and all(p.strip() for p in exc.problems)
+        return exc
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(doc=st.one_of(documents, shaped))
+def test_any_yaml_document_is_a_config_or_a_config_error(tmp_path, doc):
+    result = _load(tmp_path, yaml.safe_dump(doc, allow_unicode=True))
+    assert isinstance(result, (Config, ConfigError))
+
+
+VALID = {
+    "model": {"path": "/models/ast", "device": "cpu", "precision": "fp32", "max_batch": 8, "max_wait_ms": 20, "threads": 2},
+    "hop": 0.5, "ring_seconds": 30, "level_interval": 10,
+    "sources": [{"name": "kitchen", "type": "mic", "device": "USB", "channels": 2, "channel": 0, "gain": 1.0},
+                {"name": "cam", "type": "ffmpeg", "url": "rtsp://cam/stream", "realtime": True},
+                {"name": "f", "type": "file", "path": "x.wav", "loop": True}],
+    "detect": {"defaults": {"on_threshold": 0.5, "off_threshold": 0.3, "hold": 1.0, "min_on": 0.0, "smoothing": "ema"},
+               "targets": {"Speech": {"on_threshold": 0.6}}, "include": ["Speech"], "groups": {"alarm": ["Smoke*"]}},
+    "mqtt": {"host": "localhost", "port": 1883, "username": "u", "password": "p", "keepalive": 30, "protocol": "5",
+             "queue_size": 100, "homeassistant": True, "tls": {"ca": "ca.pem", "insecure": False}},
+    "console": {"mode": "lines"}, "logging": {"level": "info"},
+    "metrics": {"enabled": True, "port": 9464}, "clips": {"enabled": True, "directory": "clips", "max_mb": 10},
+}
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, prefix + (i,))
+
+
+VALID_PATHS = [p for p in _paths(VALID) if p]
+
+
+def test_the_valid_base_document_is_valid(tmp_path):
+    assert isinstance(_load(tmp_path, yaml.safe_dump(VALID)), Config)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(VALID_PATHS), value=documents, delete=st.booleans())
+def test_one_changed_value_in_a_valid_config_is_a_config_or_a_config_error(tmp_path, path, value, delete):
+    """Mutations of a valid document reach every branch of the checks, one at a time."""
+    doc = json.loads(json.dumps(VALID))
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    if delete:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    result = _load(tmp_path, yaml.safe_dump(doc, allow_unicode=True))
+    assert isinstance(result, (Config, ConfigError))
+    if isinstance(result, ConfigError):  # the place of the problem is named
+        assert all(":" in p for p in result.problems)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200))
+def test_any_text_is_a_config_or_a_config_error(tmp_path, text):
+    assert isinstance(_load(tmp_path, text), (Config, ConfigError))
+
+
+def test_yaml_bombs_and_binary_are_config_errors(tmp_path):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8))
+    assert isinstance(_load(tmp_path, bomb), ConfigError)  # unknown keys, found without expanding the aliases
+    (tmp_path / "bin.yaml").write_bytes(os.urandom(512))
+    result = run_cli("check-config", str(tmp_path / "bin.yaml"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("streamer: error:")
+
+
+# -- audio decoding and the ffmpeg PCM reader ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_wav(tmp_path_factory) -> bytes:
+    t = np.arange(400) / 16000  # short: hypothesis prints the bytes of a failing example
+    path = write_wav(tmp_path_factory.mktemp("a") / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
+    return path.read_bytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_and_damaged_audio_files_decode_or_fail_clearly(tmp_path, real_wav, data):
+    kind = data.draw(st.sampled_from(["random", "truncated", "flipped", "header"]))
+    if kind == "random":
+        blob = data.draw(st.binary(max_size=4096))
+    elif kind == "truncated":
+        blob = real_wav[: data.draw(st.integers(0, len(real_wav)))]
+    elif kind == "flipped":  # bytes overwritten anywhere, the header included
+        blob = bytearray(real_wav)
+        for _ in range(data.draw(st.integers(1, 20))):
+            blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+        blob = bytes(blob)
+    else:  # a valid header that lies about what follows
+        blob = real_wav[:44] + data.draw(st.binary(max_size=2048))
+    path = tmp_path / f"fuzz.{data.draw(st.sampled_from(['wav', 'flac', 'ogg', 'mp3']))}"
+    path.write_bytes(blob)
+    started = time.monotonic()
+    try:
+        audio = read_audio(path)
+    except StreamerError as exc:
+        assert str(exc) and "\n" not in str(exc) and str(path) in str(exc)
+    else:
+        assert audio.dtype == np.float32 and audio.ndim == 1 and np.isfinite(audio).all()
+    assert time.monotonic() - started < 10
+
+
+def test_ffmpeg_source_on_random_bytes_fails_clearly_without_hanging(tmp_path):
+    rng = np.random.default_rng(3)
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    source = FfmpegSource("garbage", str(garbage), backoff=Backoff(0.1, 0.2)).start()
+    try:
+        assert wait_for(lambda: source.stats.restarts >= 2, 30)  # fails, is retried, fails again: no hang
+        assert source.state == SourceState.RETRYING
+        assert source.error and "\n" not in source.error and "retrying in" in source.error
+        _, samples = source.ring.read()
+        assert np.isfinite(samples).all()
+    finally:
+        source.stop()
+    assert source.finished
+
+
+def test_ffmpeg_pcm_with_nonfinite_samples_is_sanitised_and_counted(tmp_path):
+    rng = np.random.default_rng(4)
+    samples = rng.uniform(-1, 1, 48000).astype(np.float32)
+    samples[::97] = np.nan
+    samples[::101] = np.inf
+    path = write_wav(tmp_path / "bad.wav", samples)
+    source = FfmpegSource("pcm", str(path), restart=False, ring_seconds=10).start()
+    try:
+        assert wait_for(lambda: source.finished, 30)
+        _, got = source.ring.read()
+    finally:
+        source.stop()
+    assert source.state == SourceState.ENDED
+    assert np.isfinite(got).all() and len(got) == len(samples)  # every sample, the first ones included
+    assert source.stats.nonfinite == int((~np.isfinite(samples)).sum())
+    good = np.isfinite(samples)
+    np.testing.assert_array_equal(got[good], samples[good])
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+def _safetensors(path: Path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """Write a safetensors file by hand, so that its header can lie."""
+    header, offset, body = {}, 0, b""
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        body += data
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+
+
+@pytest.mark.parametrize("lie", ["shape", "dtype", "offsets", "header-length", "non-float", "nan"])
+def test_safetensors_that_lie_are_refused_clearly(tmp_path, tiny_checkpoint, lie):
+    from safetensors.torch import load_file
+
+    directory, _ = tiny_checkpoint()
+    state = load_file(str(directory / "model.safetensors"))
+    name = next(n for n in state if n.endswith("layernorm.weight"))
+    tensors = {n: ("F32", list(t.shape), t.float().numpy().tobytes()) for n, t in state.items()}
+    dtype, shape, data = tensors[name]
+    if lie == "shape":  # claims more elements than its bytes hold
+        tensors[name] = (dtype, [shape[0] * 1000], data)
+    elif lie == "dtype":  # F64 over F32 bytes: the sizes disagree
+        tensors[name] = ("F64", shape, data)
+    elif lie == "non-float":  # consistent, but not weights
+        tensors[name] = ("I32", shape, data)
+    elif lie == "nan":
+        tensors[name] = (dtype, shape, np.full(shape, np.nan, dtype=np.float32).tobytes())
+    path = directory / "model.safetensors"
+    _safetensors(path, tensors)
+    if lie == "offsets":  # data offsets past the end of the file
+        raw = path.read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8:8 + n])
+        header[name]["data_offsets"][1] += 10**9
+        body = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    elif lie == "header-length":  # a header length of a petabyte
+        raw = path.read_bytes()
+        path.write_bytes(struct.pack("<Q", 10**15) + raw[8:])
+    with pytest.raises(StreamerError) as info:
+        load_model(directory)
+    message = str(info.value)
+    assert "\n" not in message and str(directory) in message
+    result = run_cli("detect", "--model", str(directory), str(write_wav(tmp_path / "x.wav", np.zeros(16000, np.float32))))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- secrets ------------------------------------------------------------------------------
+
+SECRET = "pw-Zq81-never-shown"
+KEY_SECRET = "kp-Xy55-never-shown"
+
+
+def test_secrets_never_reach_logs_errors_or_the_broker(tmp_path, tiny_checkpoint):
+    directory, _ = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
+    audio = write_wav(tmp_path / "a.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 16000 * 4).astype(np.float32))
+    broker = Broker(tmp_path, password=("streamer", SECRET))
+    try:
+        def config(password, extra=None) -> Path:
+            raw = {
+                "model": {"path": str(directory)}, "hop": 0.5, "logging": {"level": "debug"}, "console": {"mode": "json"},
+                "sources": [{"name": "a", "type": "file", "path": str(audio), "realtime": True, "loop": True}],
+                "detect": {"include": ["LABEL_1*"], "defaults": {"on_threshold": 0.0, "off_threshold": 0.0, "hold": 0}},
+                "mqtt": {"host": "127.0.0.1", "port": broker.port, "username": "streamer", "password": password, **(extra or {})},
+            }
+            path = tmp_path / f"c{time.monotonic_ns()}.yaml"
+            path.write_text(yaml.safe_dump(raw))
+            return path
+
+        seen = []
+        # a config error next to the secrets, and a secret of the wrong type
+        bad = config(SECRET, {"port": "not-a-port", "tls": {"key_password": KEY_SECRET, "ca": "/nonexistent/ca.pem"}})
+        seen += [run_cli("check-config", str(bad)).stderr]
+        wrong_type = tmp_path / "wrong.yaml"
+        wrong_type.write_text(bad.read_text().replace(f"password: {SECRET}", "password: 918273645"))
+        result = run_cli("check-config", str(wrong_type))
+        assert result.returncode == 2 and "mqtt.password" in result.stderr
+        assert "918273645" not in result.stderr
+        good = config(SECRET)
+        result = run_cli("check-config", str(good))
+        assert result.returncode == 0
+        seen += [result.stdout, result.stderr]
+        # a TLS key that cannot be read with its passphrase: an error without the passphrase
+        tls = config(SECRET, {"tls": {"ca": str(tmp_path / "missing-ca.pem"), "key_password": KEY_SECRET}})
+        result = run_cli("run", "--config", str(tls), timeout=60)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        seen += [result.stdout, result.stderr]
+        # the daemon at debug level, refused once (wrong password) and then connected, with discovery
+        sub = Subscriber(broker.port, ["#"], username="streamer", password=SECRET)
+        for password in ("wrong-" + SECRET, SECRET):
+            proc = subprocess.Popen([sys.executable, "-m", "streamer", "run", "--config", str(config(password, {"homeassistant": True}))],
+                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(8)
+            proc.terminate()
+            out, err = proc.communicate(timeout=30)
+            seen += [out, err]
+        assert wait_for(lambda: any(m.topic.startswith("homeassistant/") for m in sub.messages), 5)
+        seen += [m.topic + m.payload for m in sub.messages]
+        sub.close()
+    finally:
+        broker.stop()
+    everything = "\n".join(seen)
+    assert "refused" in everything  # the wrong password was reported…
+    assert SECRET not in everything and KEY_SECRET not in everything  # …without either secret
