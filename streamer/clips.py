@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -74,7 +75,17 @@ class ClipWriter:
                 self.written += 1
                 self._retain()
             except (OSError, sf.LibsndfileError, RuntimeError) as exc:
-                self._error(f"cannot write clips to {self.settings.directory} ({exc})")
+                path.unlink(missing_ok=True)  # no half-written clip left behind (a full disk)
+                self._error(f"cannot write clips to {self.settings.directory} ({self._reason(exc, audio.nbytes)})")
+
+    def _reason(self, exc: Exception, needed: int) -> str:
+        """libsndfile says only "System error." when the disk is full: say what it is."""
+        try:
+            if shutil.disk_usage(self.settings.directory).free < needed:
+                return "No space left on the device"
+        except OSError:
+            pass
+        return " ".join(str(exc).split()) or type(exc).__name__
 
     def _error(self, message: str) -> None:
         self.errors += 1

@@ -337,7 +337,7 @@ class InferenceWorker:
         self.on_result = on_result
         self.max_wait_s = max_wait_ms / 1000.0
         self.stats = WorkerStats()
-        self._pending: dict[str, tuple[Window, float]] = {}
+        self._pending: dict[str, tuple[Window, float, float]] = {}  # window, waiting since, submitted
         self._streams: set[str] = set()
         self._cond = threading.Condition()
         self._stopping = False
@@ -374,9 +374,12 @@ class InferenceWorker:
             self.stats.submitted += 1
             if window.stream in self._pending:
                 self.stats.skipped += 1
-                self._pending[window.stream] = (window, self._pending[window.stream][1])
+                # the stream keeps its place in the queue (waiting since its first pending window);
+                # latency is measured from this window's own submission
+                self._pending[window.stream] = (window, self._pending[window.stream][1], time.monotonic())
             else:
-                self._pending[window.stream] = (window, time.monotonic())
+                now = time.monotonic()
+                self._pending[window.stream] = (window, now, now)
             self._cond.notify_all()
 
     def pending(self) -> int:
@@ -393,13 +396,13 @@ class InferenceWorker:
             self._thread.join(timeout)
             self._delivery.join(timeout)
 
-    def _take_batch(self) -> list[tuple[Window, float]] | None:
+    def _take_batch(self) -> list[tuple[Window, float, float]] | None:
         with self._cond:
             while not self._pending and not self._stopping:
                 self._cond.wait()
             if not self._pending or (self._stopping and not self._drain):
                 return None
-            first = min(t for _, t in self._pending.values())
+            first = min(t for _, t, _ in self._pending.values())
             while not self._stopping:
                 ready = len(self._pending)
                 remaining = first + self.max_wait_s - time.monotonic()
@@ -416,7 +419,9 @@ class InferenceWorker:
         try:
             while (batch := self._take_batch()) is not None:
                 try:
-                    pending = self.engine.submit([w.features for w, _ in batch])
+                    pending = self.engine.submit([w.features for w, _, _ in batch])
+                    if self.added_delay_s:  # as if the forward pass took that much longer
+                        self._wake.wait(self.added_delay_s)
                 except Exception:  # keep serving the other streams; the loss is logged and counted
                     log.exception("inference failed for %d windows", len(batch))
                     self.stats.failed += len(batch)
@@ -434,14 +439,12 @@ class InferenceWorker:
                 log.exception("inference failed for %d windows", len(batch))
                 self.stats.failed += len(batch)
                 continue
-            if self.added_delay_s:
-                self._wake.wait(self.added_delay_s)
             done = time.monotonic()
             self.last_progress = done
             self.stats.processed += len(batch)
             if self.on_batch:
                 self.on_batch(len(batch))
-            for (window, submitted), row in zip(batch, probs):
+            for (window, _, submitted), row in zip(batch, probs):
                 try:
                     self.on_result(Result(window, row, done - submitted))
                 except Exception:

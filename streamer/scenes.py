@@ -61,3 +61,39 @@ def event_metrics(estimated: list[tuple[float, str]], truth: list[TrueEvent], co
     recall = hits / len(truth) if truth else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "hits": hits, "estimated": len(estimated), "true": len(truth)}
+
+
+def background_false_events(estimated: list[tuple[float, str]], truth: list[TrueEvent], collar: float,
+                            duration: float) -> tuple[list[tuple[float, str]], float]:
+    """Estimated onsets on background alone — at least ``collar`` away from every clip — and
+    how many seconds of the scene are background alone."""
+    busy = [(e.onset - collar, e.offset + collar) for e in truth]
+    merged: list[list[float]] = []
+    for a, b in sorted((max(0.0, a), min(duration, b)) for a, b in busy):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    quiet_s = duration - sum(b - a for a, b in merged)
+    false = [(t, label) for t, label in estimated if not any(a <= t <= b for a, b in merged)]
+    return false, quiet_s
+
+
+def missed(estimated: list[tuple[float, str]], truth: list[TrueEvent], collar: float) -> list[TrueEvent]:
+    """True events with no estimate of their label whose onset is within ``collar``."""
+    return [e for e in truth if not any(label == e.label and abs(t - e.onset) <= collar for t, label in estimated)]
+
+
+def sed_eval_metrics(estimated: list[tuple[float, float, str]], truth: list[TrueEvent], collar: float) -> dict:
+    """The same event-based figures by sed_eval (the DCASE reference implementation), when it
+    is installed (a test extra): onsets within ``collar``, offsets ignored, micro-averaged."""
+    import sed_eval  # noqa: PLC0415 - optional, heavy
+
+    labels = sorted({e.label for e in truth} | {label for _, _, label in estimated})
+    metric = sed_eval.sound_event.EventBasedMetrics(event_label_list=labels, t_collar=collar,
+                                                    evaluate_onset=True, evaluate_offset=False)
+    reference = [{"event_label": e.label, "onset": e.onset, "offset": e.offset, "filename": "scene"} for e in truth]
+    estimate = [{"event_label": label, "onset": on, "offset": off, "filename": "scene"} for on, off, label in estimated]
+    metric.evaluate(reference_event_list=reference, estimated_event_list=estimate)
+    overall = metric.results_overall_metrics()["f_measure"]
+    return {"precision": overall["precision"], "recall": overall["recall"], "f1": overall["f_measure"]}

@@ -67,8 +67,9 @@ class StreamReader:
                 self._emit(window)
             return True
         if self.source.finished and ring.available() == 0:
-            for window in self.windows.finish():
-                self._emit(window)
+            if self.source.stats.samples:  # a source that failed before any audio has nothing to score
+                for window in self.windows.finish():
+                    self._emit(window)
             return False
         return True
 

@@ -35,7 +35,8 @@ def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
 class Broker:
     """``mosquitto`` on a free port of 127.0.0.1, with optional auth, TLS and persistence."""
 
-    def __init__(self, directory: Path, password: tuple[str, str] | None = None, tls: dict | None = None, persistence: bool = False) -> None:
+    def __init__(self, directory: Path, password: tuple[str, str] | None = None, tls: dict | None = None,
+                 persistence: bool = False, extra: list[str] | None = None) -> None:
         if shutil.which("mosquitto") is None:
             if os.environ.get("CI"):
                 pytest.fail("mosquitto is not installed (.ci/run should have installed it)")
@@ -54,6 +55,7 @@ class Broker:
             lines += [f"cafile {tls['ca']}", f"certfile {tls['cert']}", f"keyfile {tls['key']}"]
         if persistence:
             lines += ["persistence true", f"persistence_location {directory}/", "autosave_interval 1"]
+        lines += extra or []
         self.config = directory / "mosquitto.conf"
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,18 +22,23 @@ from conftest import REAL_AUDIO, REPO, run_cli, write_wav
 from mqtt_helpers import Broker, Subscriber, wait_for
 from streamer.capture.files import read_audio
 from streamer.frontend import window_samples
-from streamer.scenes import build_scene, event_metrics
+from streamer.scenes import background_false_events, build_scene, event_metrics, missed, sed_eval_metrics
 
-TRAIN_STEPS = os.environ.get("STREAMER_TRAIN_STEPS", "450")
-# labels the scene test inserts and the daemon targets
-SCENE_TARGETS = ["crying_baby", "glass_break", "phone_ringing", "smoke_alarm"]
-DISTRACTORS = ["cough", "keyboard_typing"]
+TRAIN_STEPS = os.environ.get("STREAMER_TRAIN_STEPS", "1000")  # the shipped recipe's length (~9 min here)
+# labels the scene test inserts and the daemon targets; crying_baby is inserted but not a
+# target: the model also fires on a held-out background clip with a voice in it (see
+# bench/README.md), which the quiet stretches of the scene are made of
+SCENE_TARGETS = ["door_knock", "glass_break", "phone_ringing", "smoke_alarm"]
+DISTRACTORS = ["crying_baby", "cough", "keyboard_typing"]
+MAX_FALSE_EVENTS_PER_MIN = 2.0  # on background alone (the scene's quiet stretches)
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     if not REAL_AUDIO.is_dir():
         pytest.skip(f"real recordings not found at {REAL_AUDIO}")
+    if os.environ.get("STREAMER_TRAINED_MODEL"):  # a model trained earlier by this same fixture (a cache)
+        return Path(os.environ["STREAMER_TRAINED_MODEL"])
     out = tmp_path_factory.mktemp("trained") / "model"
     result = run_cli("train", str(REAL_AUDIO), "--out", str(out), "--steps", TRAIN_STEPS, "--threads", "2", timeout=3600)
     assert result.returncode == 0, result.stderr
@@ -98,7 +104,7 @@ def test_scene_end_to_end_through_the_live_path(trained, tmp_path):
     split = json.loads((trained / "split.json").read_text())["validation"]
     background = [read_audio(REAL_AUDIO / "background" / n) for n in split["background"]]
     clips = [(held_out_clip(trained, label), label) for label in SCENE_TARGETS + DISTRACTORS]
-    order = [0, 4, 1, 2, 5, 3]
+    order = [0, 4, 1, 5, 2, 6, 3]
     scene, truth = build_scene([clips[i] for i in order], background, gap_s=6.0, tail_s=6.0)
     wav = write_wav(tmp_path / "scene.wav", scene)
     broker = Broker(tmp_path)
@@ -122,13 +128,22 @@ def test_scene_end_to_end_through_the_live_path(trained, tmp_path):
         broker.stop()
     window_s = window_samples(128) / 16000
     ons = [(e["start_sample"] / 16000, e["target"]) for e in live if e["state"] == "ON"]
-    assert ons, "the trained model detected nothing in the scene"
     assert all(label in SCENE_TARGETS for _, label in ons)
     opened = {e["id"] for e in live if e["state"] == "ON"}
     assert opened == {e["id"] for e in live if e["state"] == "OFF"}  # every ON is followed by its OFF
-    metrics = event_metrics(ons, [e for e in truth if e.label in SCENE_TARGETS], window_s)
-    # detection quality is measured by bench/eval_scenes.py (full training recipe), not asserted here
-    print(f"reduced-recipe model on the scene: event-based P {metrics['precision']:.2f} R {metrics['recall']:.2f} F1 {metrics['f1']:.2f}")
+    targets = [e for e in truth if e.label in SCENE_TARGETS]
+    metrics = event_metrics(ons, targets, window_s)
+    false, quiet_s = background_false_events(ons, truth, window_s, len(scene) / 16000)
+    print(f"scene: event-based P {metrics['precision']:.2f} R {metrics['recall']:.2f} F1 {metrics['f1']:.2f}, "
+          f"{len(false)} false events in {quiet_s:.0f} s of background alone")
+    # every inserted target clip: an ON within one window of its onset (and its OFF, above)
+    assert not missed(ons, targets, window_s), missed(ons, targets, window_s)
+    assert len(false) / (quiet_s / 60) <= MAX_FALSE_EVENTS_PER_MIN, false
+    # the reference implementation agrees with ours
+    ends = {e["id"]: e["end_sample"] for e in live if e["state"] == "OFF"}
+    spans = [(e["start_sample"] / 16000, ends[e["id"]] / 16000, e["target"]) for e in live if e["state"] == "ON"]
+    reference = sed_eval_metrics(spans, targets, window_s)
+    assert reference["recall"] == pytest.approx(metrics["recall"]) and reference["precision"] == pytest.approx(metrics["precision"])
     # the offline path gives the same events
     offline = tmp_path / "events.jsonl"
     det = run_cli("detect", str(wav), "--model", str(trained), "--device", "cpu", "--hop", "0.25", "--batch", "4",
