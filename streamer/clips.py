@@ -75,7 +75,10 @@ class ClipWriter:
                 self.written += 1
                 self._retain()
             except (OSError, sf.LibsndfileError, RuntimeError) as exc:
-                path.unlink(missing_ok=True)  # no half-written clip left behind (a full disk)
+                try:  # no half-written clip left behind (a full disk)
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass
                 self._error(f"cannot write clips to {self.settings.directory} ({self._reason(exc, audio.nbytes)})")
 
     def _reason(self, exc: Exception, needed: int) -> str:
