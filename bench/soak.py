@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import soundfile as sf
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from daemon_helpers import process_status, scrape_metrics  # noqa: E402
 from mqtt_helpers import Broker, Subscriber, free_port  # noqa: E402
 from streamer.capture.files import read_audio  # noqa: E402
 from streamer.constants import SAMPLE_RATE_HZ  # noqa: E402
@@ -57,27 +57,8 @@ def scene_file(data: Path, directory: Path) -> Path:
     return path
 
 
-def scrape(port: int) -> dict[str, float]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
-
-
 def total(values: dict[str, float], name: str) -> float:
     return sum(v for k, v in values.items() if k.split("{")[0] == name)
-
-
-def process(pid: int) -> dict[str, int]:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return {"rss_kib": int(fields["VmRSS"].split()[0]), "threads": int(fields["Threads"]), "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 def phase(name: str, model: Path, audio: Path, work: Path, sources: int, realtime: bool, hop: float,
@@ -108,9 +89,9 @@ def phase(name: str, model: Path, audio: Path, work: Path, sources: int, realtim
         while proc.poll() is None:
             time.sleep(SAMPLE_EVERY_S)
             now = time.monotonic()
-            m = scrape(port)
+            m = scrape_metrics(port)
             stream_s = total(m, "streamer_windows_total") * hop
-            samples.append({"t": round(now - started, 1), "stream_s": stream_s, **process(proc.pid),
+            samples.append({"t": round(now - started, 1), "stream_s": stream_s, **process_status(proc.pid),
                             "skipped": total(m, "streamer_windows_skipped"), "mqtt_queue": total(m, "streamer_mqtt_queue_length")})
             print(f"{name}: {samples[-1]}", flush=True)
             if now >= next_restart:
@@ -123,7 +104,7 @@ def phase(name: str, model: Path, audio: Path, work: Path, sources: int, realtim
                 break
         # the broker is up again (restarts are synchronous): let the queue drain, then stop
         drain_until = time.monotonic() + DRAIN_S
-        while total(scrape(port), "streamer_mqtt_queue_length") > 0 and time.monotonic() < drain_until:
+        while total(scrape_metrics(port), "streamer_mqtt_queue_length") > 0 and time.monotonic() < drain_until:
             time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()

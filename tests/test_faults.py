@@ -12,13 +12,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import REPO, real_clips, write_wav
+from daemon_helpers import process_status, scrape_metrics
 from mqtt_helpers import Broker, Subscriber, free_port, wait_for
 from streamer.capture.files import read_audio
 
@@ -75,31 +75,10 @@ def stop(proc: subprocess.Popen) -> tuple[str, str, float]:
     return proc.files[0].read_text(), proc.files[1].read_text(), took
 
 
-def metrics(port: int) -> dict[str, float]:
-    """The daemon's /metrics as {'name{labels}': value}."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            text = r.read().decode()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
-
-
 def metric(values: dict[str, float], name: str, **labels) -> float:
     want = [f'{k}="{v}"' for k, v in labels.items()]
     found = [v for k, v in values.items() if k.split("{")[0] == name and all(w in k for w in want)]
     return sum(found) if found else float("nan")
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return {"rss_kib": int(fields["VmRSS"].split()[0]), "threads": int(fields["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 # -- the broker -----------------------------------------------------------------------------
@@ -177,11 +156,11 @@ def test_overload_skips_windows_with_bounded_latency_flat_memory_and_a_clean_sto
                           metrics={"enabled": True, "port": port})
     proc = start(config)
     try:
-        assert wait_for(lambda: metric(metrics(port), "streamer_windows_total") > 6, 60)
+        assert wait_for(lambda: metric(scrape_metrics(port), "streamer_windows_total") > 6, 60)
         time.sleep(6)
-        first, m1 = proc_status(proc.pid), metrics(port)
+        first, m1 = process_status(proc.pid), scrape_metrics(port)
         time.sleep(20)
-        last, m2 = proc_status(proc.pid), metrics(port)
+        last, m2 = process_status(proc.pid), scrape_metrics(port)
         out, err, took = stop(proc)
     finally:
         proc.kill()
@@ -258,11 +237,11 @@ def test_each_source_fails_or_recovers_alone(tmp_path, model, scene):
     config = write_config(tmp_path, model, sources, metrics={"enabled": True, "port": port})
     proc = start(config)
     try:
-        assert wait_for(lambda: metric(metrics(port), "streamer_windows_total", stream="good") > 4, 60)
+        assert wait_for(lambda: metric(scrape_metrics(port), "streamer_windows_total", stream="good") > 4, 60)
         time.sleep(10)
-        m1 = metrics(port)
+        m1 = scrape_metrics(port)
         time.sleep(8)
-        m2 = metrics(port)
+        m2 = scrape_metrics(port)
         assert proc.poll() is None
         out, err, took = stop(proc)
     finally:
@@ -319,21 +298,21 @@ def test_capture_device_disappears_and_reappears(tmp_path, model, scene, pulse):
                           mqtt={"host": "127.0.0.1", "port": broker.port, "homeassistant": False})
     proc = start(config, env=env)
     try:
-        windows = lambda name: metric(metrics(port), "streamer_windows_total", stream=name)  # noqa: E731
+        windows = lambda name: metric(scrape_metrics(port), "streamer_windows_total", stream=name)  # noqa: E731
         assert wait_for(lambda: windows("room") > 4, 60)  # a 44.1 kHz device, resampled
         assert pactl("unload-module", "module-null-sink").returncode == 0  # unplugged
-        assert wait_for(lambda: metric(metrics(port), "streamer_source_up", stream="room", state="retrying") == 1, 20)
+        assert wait_for(lambda: metric(scrape_metrics(port), "streamer_source_up", stream="room", state="retrying") == 1, 20)
         assert wait_for(lambda: sub.on("streamer/room/availability")[-1].payload == "offline", 10)
         file_before, room_before = windows("file"), windows("room")
         time.sleep(5)
         assert windows("file") - file_before >= 10  # the other source never stops
         assert windows("room") - room_before <= 1
         assert pactl("load-module", "module-null-sink", "sink_name=virt").returncode == 0  # plugged back in
-        assert wait_for(lambda: metric(metrics(port), "streamer_source_up", stream="room", state="running") == 1, 30)
+        assert wait_for(lambda: metric(scrape_metrics(port), "streamer_source_up", stream="room", state="running") == 1, 30)
         room_back = windows("room")
         assert wait_for(lambda: windows("room") > room_back + 8, 20)
         assert sub.on("streamer/room/availability")[-1].payload == "online"
-        assert metric(metrics(port), "streamer_source_restarts", stream="room") >= 1
+        assert metric(scrape_metrics(port), "streamer_source_restarts", stream="room") >= 1
         out, err, took = stop(proc)
     finally:
         proc.kill()
