@@ -173,6 +173,18 @@ def test_random_and_damaged_audio_files_decode_or_fail_clearly(tmp_path, real_wa
     assert time.monotonic() - started < 10
 
 
+def test_a_header_with_an_absurd_sample_rate_is_refused_at_once(tmp_path):
+    """Found by the fuzzer: a flipped byte made a 7 Hz file, whose resampling to 16 kHz took minutes."""
+    import soundfile as sf
+
+    path = tmp_path / "slow.wav"
+    sf.write(path, np.zeros(400, dtype=np.float32), 7)
+    started = time.monotonic()
+    with pytest.raises(StreamerError, match="invalid header"):
+        read_audio(path)
+    assert time.monotonic() - started < 1
+
+
 def test_ffmpeg_source_on_random_bytes_fails_clearly_without_hanging(tmp_path):
     rng = np.random.default_rng(3)
     garbage = tmp_path / "garbage.bin"

@@ -21,6 +21,8 @@ from streamer.constants import SAMPLE_RATE_HZ
 log = logging.getLogger(__name__)
 
 BLOCK_SECONDS = 10.0
+MIN_RATE_HZ, MAX_RATE_HZ = 1000, 768_000  # sample rates real recordings have
+MAX_CHANNELS = 64
 MAX_ABS_SAMPLE = 100.0  # full scale is 1.0; beyond this a float sample is damage, not audio
 
 
@@ -69,8 +71,10 @@ def iter_audio(path: str | Path, block_seconds: float = BLOCK_SECONDS,
     """
     path = Path(path)
     with _open(path) as f:
-        if f.samplerate <= 0 or f.channels <= 0:
-            raise AudioError(f"{path}: invalid header ({f.samplerate} Hz, {f.channels} channels)")
+        if not MIN_RATE_HZ <= f.samplerate <= MAX_RATE_HZ or not 1 <= f.channels <= MAX_CHANNELS:
+            # a damaged header: 7 Hz would mean resampling each sample into thousands
+            raise AudioError(f"{path}: invalid header ({f.samplerate} Hz, {f.channels} channels; expected "
+                             f"{MIN_RATE_HZ}–{MAX_RATE_HZ} Hz, 1–{MAX_CHANNELS} channels)")
         resampler = StreamingResampler(f.samplerate, SAMPLE_RATE_HZ)
         block_frames = max(1, int(block_seconds * f.samplerate))
         damaged = 0
