@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from daemon_helpers import process_status, scrape_metrics  # noqa: E402
+from daemon_helpers import metric, process_status, scrape_metrics  # noqa: E402
 from mqtt_helpers import Broker, Subscriber, free_port  # noqa: E402
 from streamer.capture.files import read_audio  # noqa: E402
 from streamer.constants import SAMPLE_RATE_HZ  # noqa: E402
@@ -55,10 +55,6 @@ def scene_file(data: Path, directory: Path) -> Path:
     path = directory / "soak_scene.wav"
     sf.write(path, audio, SAMPLE_RATE_HZ, subtype="FLOAT")
     return path
-
-
-def total(values: dict[str, float], name: str) -> float:
-    return sum(v for k, v in values.items() if k.split("{")[0] == name)
 
 
 def phase(name: str, model: Path, audio: Path, work: Path, sources: int, realtime: bool, hop: float,
@@ -90,9 +86,9 @@ def phase(name: str, model: Path, audio: Path, work: Path, sources: int, realtim
             time.sleep(SAMPLE_EVERY_S)
             now = time.monotonic()
             m = scrape_metrics(port)
-            stream_s = total(m, "streamer_windows_total") * hop
+            stream_s = metric(m, "streamer_windows_total", 0.0) * hop
             samples.append({"t": round(now - started, 1), "stream_s": stream_s, **process_status(proc.pid),
-                            "skipped": total(m, "streamer_windows_skipped"), "mqtt_queue": total(m, "streamer_mqtt_queue_length")})
+                            "skipped": metric(m, "streamer_windows_skipped", 0.0), "mqtt_queue": metric(m, "streamer_mqtt_queue_length", 0.0)})
             print(f"{name}: {samples[-1]}", flush=True)
             if now >= next_restart:
                 broker.stop()
@@ -104,7 +100,7 @@ def phase(name: str, model: Path, audio: Path, work: Path, sources: int, realtim
                 break
         # the broker is up again (restarts are synchronous): let the queue drain, then stop
         drain_until = time.monotonic() + DRAIN_S
-        while total(scrape_metrics(port), "streamer_mqtt_queue_length") > 0 and time.monotonic() < drain_until:
+        while metric(scrape_metrics(port), "streamer_mqtt_queue_length", 0.0) > 0 and time.monotonic() < drain_until:
             time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()

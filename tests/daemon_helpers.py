@@ -22,6 +22,13 @@ def scrape_metrics(port: int) -> dict[str, float]:
     return out
 
 
+def metric(values: dict[str, float], name: str, default: float = float("nan"), **labels) -> float:
+    """The sum of metric ``name`` over the series carrying all of ``labels``; ``default`` if none."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    found = [v for k, v in values.items() if k.split("{")[0] == name and all(w in k for w in want)]
+    return sum(found) if found else default
+
+
 def process_status(pid: int) -> dict[str, int]:
     """Resident memory (KiB), threads and open file descriptors of a process."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())

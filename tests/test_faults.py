@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, real_clips, write_wav
-from daemon_helpers import process_status, scrape_metrics
+from daemon_helpers import metric, process_status, scrape_metrics
 from mqtt_helpers import Broker, Subscriber, free_port, wait_for
 from streamer.capture.files import read_audio
 
@@ -73,12 +73,6 @@ def stop(proc: subprocess.Popen) -> tuple[str, str, float]:
     proc.wait(60)
     took = time.monotonic() - t0
     return proc.files[0].read_text(), proc.files[1].read_text(), took
-
-
-def metric(values: dict[str, float], name: str, **labels) -> float:
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    found = [v for k, v in values.items() if k.split("{")[0] == name and all(w in k for w in want)]
-    return sum(found) if found else float("nan")
 
 
 # -- the broker -----------------------------------------------------------------------------
