@@ -52,7 +52,7 @@ def make_clip(path: Path) -> None:
 
 def run_streamer(model: Path, clip: Path, batch: int) -> dict:
     from streamer.detect import score_file
-    from streamer.inference import InferenceEngine
+    from streamer.inference.engine import InferenceEngine
     from streamer.model import load_model
 
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from streamer.capture.sources import FileSource  # noqa: E402
 from streamer.model.config import FeatureConfig  # noqa: E402
-from streamer.scheduler import StreamWindows  # noqa: E402
+from streamer.features.windows import StreamWindows  # noqa: E402
 from streamer.streams import StreamReader  # noqa: E402
 
 HOP = 16000

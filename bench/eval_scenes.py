@@ -27,8 +27,8 @@ from streamer.capture.files import read_audio  # noqa: E402
 from streamer.constants import SAMPLE_RATE_HZ  # noqa: E402
 from streamer.detect import score_file  # noqa: E402
 from streamer.events import DetectSettings, EventSmoother  # noqa: E402
-from streamer.frontend import window_samples  # noqa: E402
-from streamer.inference import InferenceEngine  # noqa: E402
+from streamer.features.fbank import window_samples  # noqa: E402
+from streamer.inference.engine import InferenceEngine  # noqa: E402
 from streamer.model import load_model  # noqa: E402
 from streamer.scenes import background_false_events, build_scene, event_metrics, sed_eval_metrics  # noqa: E402
 

@@ -18,7 +18,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from streamer.benchmark import _windows, random_checkpoint
-from streamer.inference import InferenceEngine
+from streamer.inference.engine import InferenceEngine
 from streamer.model import load_model
 
 

@@ -84,14 +84,14 @@ def _iters(device: torch.device, batch: int) -> int:
 
 
 def _windows(batch: int, seed: int = 0):
-    from streamer.scheduler import Window
+    from streamer.features.windows import Window
 
     g = torch.Generator().manual_seed(seed)
     return [Window(f"s{i}", 0, torch.randn(1024, 128, generator=g), 1024) for i in range(batch)]
 
 
 def bench_ours(model_dir: Path, device: str, precision: str, batch_sizes, compile: bool = False) -> dict:
-    from streamer.inference import InferenceEngine
+    from streamer.inference.engine import InferenceEngine
     from streamer.model import load_model
 
     t0 = time.perf_counter()
@@ -150,10 +150,10 @@ def quantize_int8_hf(model) -> None:
 def accuracy(model_dir: Path, device: str, precisions, audio: list[Path]) -> dict:
     """Each precision against fp32 on the same windows; batched against one at a time."""
     from streamer.capture.files import read_audio
-    from streamer.inference import InferenceEngine
+    from streamer.inference.engine import InferenceEngine
     from streamer.model import load_model
     from streamer.model.config import FeatureConfig
-    from streamer.scheduler import StreamWindows
+    from streamer.features.windows import StreamWindows
 
     if audio:
         samples = np.concatenate([read_audio(p) for p in audio])

@@ -107,7 +107,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from streamer.config import load_config
+    from streamer.settings import load_config
     from streamer.daemon import Daemon
 
     config = load_config(args.config, _overrides(args))
@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from streamer.config import load_config
+    from streamer.settings import load_config
 
     config = load_config(args.config)
     print(f"{args.config}: OK — {len(config.sources)} source(s), hop {config.hop} s, "
@@ -205,8 +205,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     from streamer.detect import save_events, save_scores, score_file, stream_name, top_labels
     from streamer.events import DetectSettings, EventSmoother
-    from streamer.frontend import window_samples
-    from streamer.inference import InferenceEngine
+    from streamer.features.fbank import window_samples
+    from streamer.inference.engine import InferenceEngine
     from streamer.model import load_model
     from streamer.constants import SAMPLE_RATE_HZ
 

@@ -21,16 +21,16 @@ from pathlib import Path
 from dataclasses import replace
 
 from streamer.capture.sources import FfmpegSource, FileSource, MicSource, Source
-from streamer.clips import ClipWriter
-from streamer.config import Config, ConfigError, load_config
+from streamer.sinks.clips import ClipWriter
+from streamer.settings import Config, ConfigError, load_config
 from streamer.detect import hop_to_frames
 from streamer.events import Event, EventSmoother
-from streamer.frontend import window_samples
-from streamer.inference import InferenceEngine, InferenceWorker, Result
-from streamer.metrics import Metrics, MetricsServer, stalled
+from streamer.features.fbank import window_samples
+from streamer.inference.engine import InferenceEngine, InferenceWorker, Result
+from streamer.sinks.metrics import Metrics, MetricsServer, stalled
 from streamer.model import load_model
-from streamer.publishers.console import ConsoleView, LinePrinter
-from streamer.publishers.mqtt import MqttPublisher
+from streamer.sinks.console import ConsoleView, LinePrinter
+from streamer.sinks.mqtt import MqttPublisher
 from streamer.streams import StreamReader
 
 log = logging.getLogger(__name__)

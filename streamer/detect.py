@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from streamer.capture.files import iter_audio
-from streamer.frontend import FRAME_SHIFT
+from streamer.features.fbank import FRAME_SHIFT
 from streamer.events import Event, EventSmoother
-from streamer.inference import InferenceEngine
+from streamer.inference.engine import InferenceEngine
 from streamer.constants import SAMPLE_RATE_HZ
-from streamer.scheduler import StreamWindows, Window
+from streamer.features.windows import StreamWindows, Window
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from streamer.capture.sources import LIVE_URL_SCHEMES, FfmpegSource, FileSource, MicSource, Source
 from streamer.constants import SAMPLE_RATE_HZ
 from streamer.errors import StreamerError
-from streamer.frontend import LEVEL_FLOOR_DBFS, dbfs
+from streamer.features.fbank import LEVEL_FLOOR_DBFS, dbfs
 from streamer.model.config import FeatureConfig
-from streamer.scheduler import StreamWindows, Window
+from streamer.features.windows import StreamWindows, Window
 
 log = logging.getLogger(__name__)
 

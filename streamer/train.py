@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from streamer.capture.files import read_audio
 from streamer.constants import SAMPLE_RATE_HZ
 from streamer.errors import StreamerError
-from streamer.frontend import log_mel, window_samples
+from streamer.features.fbank import log_mel, window_samples
 from streamer.model.ast import AudioSpectrogramTransformer
 from streamer.model.checkpoint import LoadedModel, load_model, save_checkpoint
 from streamer.model.config import ASTConfig, FeatureConfig

@@ -22,7 +22,7 @@ from streamer.capture.files import read_audio
 from streamer.capture.ring import RingBuffer
 from streamer.capture.sources import Backoff, FfmpegSource, FileSource, SourceState
 from streamer.model.config import FeatureConfig
-from streamer.scheduler import StreamWindows
+from streamer.features.windows import StreamWindows
 from streamer.streams import StreamReader
 
 

@@ -9,8 +9,8 @@ import numpy as np
 from rich.console import Console
 
 from streamer.events import Event
-from streamer.frontend import dbfs
-from streamer.publishers.console import ConsoleView, LinePrinter
+from streamer.features.fbank import dbfs
+from streamer.sinks.console import ConsoleView, LinePrinter
 
 EVENT = Event(id="porch:dog:16000", stream="porch", target="Dog", state="ON", labels=("Dog", "Bark"), start_sample=16000,
               end_sample=None, start_time=None, end_time=None, peak=0.91, mean=0.91)

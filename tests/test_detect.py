@@ -11,7 +11,7 @@ from transformers import ASTFeatureExtractor
 
 from conftest import real_clips, run_cli, write_wav
 from streamer.capture.files import read_audio
-from streamer.frontend import window_samples
+from streamer.features.fbank import window_samples
 
 
 def reference_scores(hf_model, samples: np.ndarray, starts, max_length: int, **fe) -> np.ndarray:

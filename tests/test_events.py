@@ -124,9 +124,9 @@ def test_close_all_marks_events_closed_by_shutdown():
 
 
 def test_events_are_the_same_whether_audio_comes_at_once_or_in_pieces(tiny_checkpoint):
-    from streamer.inference import InferenceEngine
+    from streamer.inference.engine import InferenceEngine
     from streamer.model import load_model
-    from streamer.scheduler import StreamWindows
+    from streamer.features.windows import StreamWindows
 
     directory, _ = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
     engine = InferenceEngine(load_model(directory), max_batch=8)

@@ -11,9 +11,9 @@ from transformers import ASTFeatureExtractor
 from conftest import real_clips
 from streamer.capture.files import read_audio
 from streamer.capture.resample import StreamingResampler, resample
-from streamer.frontend import FRAME_LENGTH, Frontend, clip_features, log_mel, normalise
+from streamer.features.fbank import FRAME_LENGTH, Frontend, clip_features, log_mel, normalise
 from streamer.model.config import FeatureConfig
-from streamer.scheduler import StreamWindows
+from streamer.features.windows import StreamWindows
 
 TOLERANCE = 1e-4
 FEATURES = FeatureConfig()

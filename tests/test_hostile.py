@@ -24,7 +24,7 @@ from conftest import REPO, run_cli, write_wav
 from mqtt_helpers import Broker, Subscriber, wait_for
 from streamer.capture.files import read_audio
 from streamer.capture.sources import Backoff, FfmpegSource, SourceState
-from streamer.config import MODEL_KEYS, MQTT_KEYS, SECTIONS, SOURCE_KEYS, TLS_KEYS, Config, ConfigError, load_config
+from streamer.settings import MODEL_KEYS, MQTT_KEYS, SECTIONS, SOURCE_KEYS, TLS_KEYS, Config, ConfigError, load_config
 from streamer.errors import StreamerError
 from streamer.model import load_model
 

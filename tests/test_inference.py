@@ -12,10 +12,10 @@ import torch
 from conftest import real_clips
 from streamer.capture.files import read_audio
 from streamer.errors import StreamerError
-from streamer.inference import InferenceEngine, InferenceWorker, Result, graph_batch_sizes
+from streamer.inference.engine import InferenceEngine, InferenceWorker, Result, graph_batch_sizes
 from streamer.model import load_model
 from streamer.model.config import FeatureConfig
-from streamer.scheduler import StreamWindows, Window
+from streamer.features.windows import StreamWindows, Window
 
 
 

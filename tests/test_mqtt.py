@@ -13,7 +13,7 @@ import pytest
 
 from mqtt_helpers import Broker, Subscriber, wait_for
 from streamer.events import Event
-from streamer.publishers.mqtt import MqttPublisher, MqttSettings, TlsSettings
+from streamer.sinks.mqtt import MqttPublisher, MqttSettings, TlsSettings
 
 STREAM, TARGET = "Kitchen", "Smoke alarm"
 
@@ -76,7 +76,7 @@ def test_last_will_on_sigkill(broker):
     code = f"""
 import time, sys
 sys.path.insert(0, {str(os.getcwd())!r})
-from streamer.publishers.mqtt import MqttPublisher, MqttSettings
+from streamer.sinks.mqtt import MqttPublisher, MqttSettings
 pub = MqttPublisher(MqttSettings(host="127.0.0.1", port={broker.port}), {{"kitchen": ["x"]}}).start()
 while not pub.connected or pub.queue_length():
     time.sleep(0.05)

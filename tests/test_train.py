@@ -21,7 +21,7 @@ import torch
 from conftest import REAL_AUDIO, REPO, run_cli, write_wav
 from mqtt_helpers import Broker, Subscriber, wait_for
 from streamer.capture.files import read_audio
-from streamer.frontend import window_samples
+from streamer.features.fbank import window_samples
 from streamer.scenes import background_false_events, build_scene, event_metrics, missed, sed_eval_metrics
 
 TRAIN_STEPS = os.environ.get("STREAMER_TRAIN_STEPS", "1000")  # the shipped recipe's length (~9 min here)

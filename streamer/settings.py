@@ -18,9 +18,9 @@ from typing import Any
 import yaml
 
 from streamer.errors import StreamerError
-from streamer.clips import ClipSettings
+from streamer.sinks.clips import ClipSettings
 from streamer.events import DetectSettings
-from streamer.publishers.mqtt import MqttSettings, TlsSettings
+from streamer.sinks.mqtt import MqttSettings, TlsSettings
 
 DEFAULT_CONFIG = Path("config/streamer.yaml")
 HOP_MIN_S, HOP_MAX_S = 0.1, 10.0

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from streamer.events import Event
-from streamer.frontend import LEVEL_FLOOR_DBFS
+from streamer.features.fbank import LEVEL_FLOOR_DBFS
 
 TOP_LABELS = 3
 BAR_WIDTH = 20

@@ -185,7 +185,7 @@ class MqttPublisher:
         protocol = mqtt.MQTTv5 if s.protocol == "5" else mqtt.MQTTv311
         client_id = s.client_id or f"{s.node_id}-{int(time.time())}"
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
-        client.enable_logger(logging.getLogger("streamer.publishers.paho"))
+        client.enable_logger(logging.getLogger("streamer.sinks.paho"))
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if s.tls is not None:

@@ -30,7 +30,7 @@ from torch import nn
 from streamer.errors import StreamerError
 from streamer.model.checkpoint import LoadedModel
 from streamer.model.fused import FusedForward
-from streamer.scheduler import Window
+from streamer.features.windows import Window
 
 log = logging.getLogger(__name__)
 

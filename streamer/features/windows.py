@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from streamer.frontend import FRAME_SHIFT, Frontend, pad_value, window_samples
+from streamer.features.fbank import FRAME_SHIFT, Frontend, pad_value, window_samples
 from streamer.model.config import FeatureConfig
 
 

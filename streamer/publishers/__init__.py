@@ -1,1 +1,0 @@
-"""Where events go: MQTT (with Home Assistant discovery) and the console."""
