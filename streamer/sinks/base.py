@@ -71,7 +71,20 @@ class Level:
     wall_time: float
 
 
-SinkItem = Union[Event, Scores, SourceStatus, Level]
+@dataclass(frozen=True)
+class Spectrogram:
+    """New mel frames of one stream, for a live view: (n, mel bins) log-mel, normalised as
+    the model sees them (roughly -2 … 2), oldest first; ``end_frame`` is the frame index
+    (10 ms each on the stream's timeline) just past the last one. Published only when a
+    sink accepts it, and decimated in time for display."""
+
+    stream: str
+    frames: np.ndarray  # (n, mel bins) float16
+    end_frame: int
+    frame_step: int = 1  # frames of the stream per row (decimation)
+
+
+SinkItem = Union[Event, Scores, SourceStatus, Level, Spectrogram]
 
 
 @runtime_checkable
