@@ -203,9 +203,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from streamer.detect import save_events, save_scores, score_file, stream_name, top_labels
-    from streamer.events import DetectSettings, EventSmoother
-    from streamer.features.fbank import window_samples
+    from streamer.detect import save_events, save_scores, score_files, top_labels
+    from streamer.events import DetectSettings
     from streamer.inference.engine import InferenceEngine
     from streamer.model import load_model
     from streamer.constants import SAMPLE_RATE_HZ
@@ -220,15 +219,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     settings = load_detect_settings(args.config) if args.config else DetectSettings()
     targets = settings.targets(labels) if args.events_out else []
-    results = []
-    for path in args.audio:
-        def show(windows, probs, path=path):
-            for window, row in zip(windows, probs):
-                top = ", ".join(f"{name} {p:.2f}" for name, p in top_labels(row, labels, args.top_k))
-                print(f"{path}\t{window.start_sample / SAMPLE_RATE_HZ:8.2f}s\t{top}", flush=True)
 
-        smoother = EventSmoother(stream_name(path), labels, targets, window_samples(engine.loaded.features.max_length)) if args.events_out else None
-        results.append(score_file(path, engine, args.hop, on_batch=show, smoother=smoother))
+    def show(index: int, start_sample: int, row) -> None:
+        top = ", ".join(f"{name} {p:.2f}" for name, p in top_labels(row, labels, args.top_k))
+        print(f"{args.audio[index]}\t{start_sample / SAMPLE_RATE_HZ:8.2f}s\t{top}", flush=True)
+
+    results = score_files(args.audio, engine, args.hop, targets, on_window=show)
     if args.events_out:
         save_events(args.events_out, results)
     if args.scores_out:

@@ -1,4 +1,4 @@
-"""``streamer run``: sources → frontend → scheduler → one inference worker → smoothers → publishers.
+"""``streamer run``: the daemon around :class:`~streamer.pipeline.Pipeline` — its lifecycle only.
 
 Start order: config (already validated) → model loaded and warmed → sources opened →
 MQTT connecting → ready (``READY=1`` to systemd when ``NOTIFY_SOCKET`` is set). SIGTERM or
@@ -21,17 +21,17 @@ from pathlib import Path
 from dataclasses import replace
 
 from streamer.capture.sources import FfmpegSource, FileSource, MicSource, Source
-from streamer.sinks.clips import ClipWriter
-from streamer.settings import Config, ConfigError, load_config
 from streamer.detect import hop_to_frames
-from streamer.events import Event, EventSmoother
-from streamer.features.fbank import window_samples
-from streamer.inference.engine import InferenceEngine, InferenceWorker, Result
-from streamer.sinks.metrics import Metrics, MetricsServer, stalled
+from streamer.events import Event
+from streamer.inference.engine import InferenceEngine
 from streamer.model import load_model
+from streamer.pipeline import Pipeline
+from streamer.settings import Config, ConfigError, load_config
+from streamer.sinks.base import Level, SinkHub, SourceStatus
+from streamer.sinks.clips import ClipWriter
 from streamer.sinks.console import ConsoleView, LinePrinter
-from streamer.sinks.mqtt import MqttPublisher
-from streamer.streams import StreamReader
+from streamer.sinks.metrics import Metrics, MetricsServer, stalled
+from streamer.sinks.mqtt import MqttEventSink, MqttPublisher
 
 log = logging.getLogger(__name__)
 
@@ -62,81 +62,69 @@ def make_source(sc, ring_seconds: float) -> Source:
 
 
 class Daemon:
+    """Lifecycle only: build the pipeline, start it, signals, sd_notify/watchdog, reload, status loop."""
+
     def __init__(self, config: Config, config_path: Path | None = None, output: str = "auto") -> None:
         self.config = config
         self.config_path = config_path
         self.output = output
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self._lock = threading.Lock()
-        self.raised = 0  # events (ON and OFF) handed to the sinks: counted, not kept, so memory stays flat
+
+    @property
+    def raised(self) -> int:
+        return self.pipeline.raised
 
     # -- wiring ---------------------------------------------------------------------------
-    def _sinks(self, event: Event) -> None:
+    def _on_event(self, stream: int, event: Event) -> Event:
+        """On the results thread, before the fan-out: the clip (copied out of the ring now), the count."""
         if self.clips and event.state == "OFF":
-            path = self.clips.save(event, self.source_by_name[event.stream].ring)
+            path = self.clips.save(event, self.pipeline.streams[stream].source.ring)
             if path is not None:
                 event = replace(event, clip=str(path))
         if self.metrics:
             self.metrics.events.labels(event.stream, event.target, event.state).inc()
-        self.raised += 1
-        if self.mqtt:
-            self.mqtt.publish_event(event)
-        self.printer.event(event)
+        return event
 
-    def _on_result(self, result: Result) -> None:
-        window = result.window
+    def _on_window(self, ref, probabilities, latency_s: float) -> None:
         if self.metrics:
-            self.metrics.windows.labels(window.stream).inc()
-            self.metrics.latency.observe(result.latency_s)
-        with self._lock:
-            smoother = self.smoothers[window.stream]
-            for event in smoother.update(window.start_sample, result.probabilities, window.wall_time):
-                self._sinks(event)
-            if self.view:
-                self.view.update_scores(window.stream, self.labels, result.probabilities)
-                self.view.update_stream(window.stream, active=smoother.active_targets())
+            self.metrics.windows.labels(self.pipeline.streams[ref.stream].name).inc()
+            self.metrics.latency.observe(latency_s)
 
-    def _build_smoothers(self) -> dict[str, EventSmoother]:
-        targets = self.config.detect.targets(self.labels)
-        span = window_samples(self.engine.loaded.features.max_length)
-        return {s.name: EventSmoother(s.name, self.labels, targets, span) for s in self.config.sources}
-
-    def run(self) -> int:
+    def _build(self) -> None:
         cfg = self.config
         notify("STATUS=loading model")
         loaded = load_model(cfg.model.path)
         self.labels = loaded.labels
         self.engine = InferenceEngine(loaded, cfg.model.device, cfg.model.precision, cfg.model.max_batch, cfg.model.threads)
-        self.smoothers = self._build_smoothers()
-        hop_frames = hop_to_frames(cfg.hop)
         self.sources = [make_source(sc, cfg.ring_seconds) for sc in cfg.sources]
         for source in self.sources:
             if isinstance(source, MicSource):
                 source.open_check()
-        self.source_by_name = {s.name: s for s in self.sources}
         self.metrics = Metrics() if cfg.metrics else None
         self.clips = ClipWriter(cfg.clips) if cfg.clips else None
-        self.worker = InferenceWorker(self.engine, self._on_result, cfg.model.max_wait_ms,
-                                      on_batch=self.metrics.batch.observe if self.metrics else None,
-                                      added_delay_s=cfg.model.added_delay_ms / 1000)
-        self.readers = []
-        for source in self.sources:
-            self.worker.register_stream(source.name)
-            lossless = isinstance(source, FileSource) and not source.realtime
-            self.readers.append(StreamReader(source, loaded.features, hop_frames,
-                                             lambda w, lossless=lossless: self.worker.submit(w, block=lossless)))
-        targets = {s.name: [t.name for t in next(iter(self.smoothers.values())).targets] for s in self.sources}
-        self.mqtt = MqttPublisher(cfg.mqtt, targets) if cfg.mqtt else None
+        targets = cfg.detect.targets(self.labels)
+        self.mqtt = MqttPublisher(cfg.mqtt, {s.name: [t.name for t in targets] for s in self.sources}) if cfg.mqtt else None
         mode = cfg.console.mode if self.output == "auto" else self.output
         live = mode == "live" or (mode == "auto" and sys.stdout.isatty())
-        self.view = ConsoleView([s.name for s in self.sources]) if live else None
-        self.printer = self.view or LinePrinter(as_json=mode == "json", stream=open(os.devnull, "w") if mode == "off" else None)
+        self.view = ConsoleView([s.name for s in self.sources], labels=self.labels) if live else None
+        self.hub = SinkHub()
+        if self.view:
+            self.hub.add(self.view)
+        elif mode != "off":
+            self.hub.add(LinePrinter(as_json=mode == "json"))
+        if self.mqtt:
+            self.hub.add(MqttEventSink(self.mqtt), queue_items=cfg.mqtt.queue_size)
+        self.pipeline = Pipeline(self.engine, self.sources, hop_to_frames(cfg.hop), targets, self.hub,
+                                 max_wait_ms=cfg.model.max_wait_ms, added_delay_s=cfg.model.added_delay_ms / 1000,
+                                 on_event=self._on_event, on_window=self._on_window,
+                                 on_batch=self.metrics.batch.observe if self.metrics else None)
 
-        self.worker.start()
-        for source, reader in zip(self.sources, self.readers):
-            source.start()
-            reader.start()
+    def run(self) -> int:
+        cfg = self.config
+        self._build()
+        self.hub.start()
+        self.pipeline.start()
         if self.mqtt:
             self.mqtt.start()
         if self.view:
@@ -145,12 +133,12 @@ class Daemon:
         if self.metrics:
             limit = max(STALL_SECONDS, 3 * cfg.hop + 20)
             self.metrics_server = MetricsServer(
-                self.metrics, lambda: not stalled(self.worker.last_progress, self._expecting_windows(), limit),
+                self.metrics, lambda: not stalled(self.pipeline.last_progress, self._expecting_windows(), limit),
                 cfg.metrics.host, cfg.metrics.port).start()
         self._install_signals()
         notify("READY=1")
         notify(f"STATUS=listening to {len(self.sources)} source(s)")
-        log.info("streamer ready: %d source(s), model %s", len(self.sources), loaded.source)
+        log.info("streamer ready: %d source(s), model %s", len(self.sources), self.engine.loaded.source)
         try:
             self._loop()
         finally:
@@ -177,32 +165,36 @@ class Daemon:
                 state = source.state.value
                 if source_states.get(source.name) != state:
                     source_states[source.name] = state
+                    self.hub.publish(SourceStatus(source.name, state, source.error))
                     if self.mqtt:
                         self.mqtt.publish_source_state(source.name, state)
             if self.metrics:
                 self._update_metrics()
-            for source, reader in zip(self.sources, self.readers):
+            level_due = now - last_level >= self.config.level_interval_s
+            for slot in self.pipeline.streams:
                 if self.view:
-                    self.view.update_stream(source.name, state=source.state.value, level_dbfs=reader.level_dbfs,
-                                            windows=reader.emitted, overruns=source.ring.lost)
-                if self.mqtt and now - last_level >= self.config.level_interval_s:
-                    self.mqtt.publish_level(source.name, reader.level_dbfs)
-            if now - last_level >= self.config.level_interval_s:
+                    self.view.update_stream(slot.name, state=slot.source.state.value, level_dbfs=slot.level_dbfs,
+                                            windows=slot.windows, overruns=slot.source.ring.lost)
+                if level_due:
+                    self.hub.publish(Level(slot.name, slot.level_dbfs, time.time()))
+                    if self.mqtt:
+                        self.mqtt.publish_level(slot.name, slot.level_dbfs)
+            if level_due:
                 last_level = now
             if self.view:
                 self.view.mqtt_state = "off" if not self.mqtt else ("connected" if self.mqtt.connected else (self.mqtt.last_error or "connecting"))
                 self.view.mqtt_queue = self.mqtt.queue_length() if self.mqtt else None
             # the watchdog is fed by progress: a stalled pipeline stops the pings
-            if watchdog and (now - self.worker.last_progress < watchdog or not self._expecting_windows()):
+            if watchdog and (now - self.pipeline.last_progress < watchdog or not self._expecting_windows()):
                 notify("WATCHDOG=1")
-            if all(r.done.is_set() for r in self.readers) and self.worker.pending() == 0:
+            if self.pipeline.finished():
                 log.info("all sources have ended")
                 break
 
     def _update_metrics(self) -> None:
         m = self.metrics
-        m.skipped.set(self.worker.stats.skipped)
-        m.pending.set(self.worker.pending())
+        m.skipped.set(self.pipeline.worker.stats.skipped)
+        m.pending.set(self.pipeline.worker.pending())
         for source in self.sources:
             m.lost.labels(source.name).set(source.lost)
             m.overflows.labels(source.name).set(source.stats.overflows)
@@ -210,6 +202,10 @@ class Daemon:
             m.restarts.labels(source.name).set(source.stats.restarts)
             for state in ("starting", "running", "retrying", "ended", "failed", "stopped"):
                 m.source_up.labels(source.name, state).set(1 if source.state.value == state else 0)
+        for name, lane in self.hub.stats().items():
+            m.sink_shed.labels(name).set(lane["shed"])
+            m.sink_queue.labels(name).set(lane["queued"])
+            m.sink_busy.labels(name).set(lane["busy_s"])
         if self.mqtt:
             m.mqtt_queue.set(self.mqtt.queue_length())
             m.mqtt_dropped.set(self.mqtt.stats.dropped)
@@ -228,33 +224,19 @@ class Daemon:
             if fresh is None:
                 return
             candidate = replace(self.config, detect=fresh.detect)
-            candidate.detect.targets(self.labels)
+            targets = candidate.detect.targets(self.labels)
         except (ConfigError, Exception) as exc:  # keep running on the old settings
             log.error("reload refused, keeping the old detect settings: %s", str(exc).replace("\n", "; "))
             return
-        with self._lock:
-            for smoother in self.smoothers.values():
-                for event in smoother.close_all("reload"):
-                    self._sinks(event)
-            self.config = candidate
-            self.smoothers = self._build_smoothers()
+        self.pipeline.reload(targets)
+        self.config = candidate
         log.info("reloaded the detect section from %s", self.config_path)
         notify("STATUS=reloaded detect settings")
 
     def _shutdown(self) -> None:
         notify("STOPPING=1")
-        for source in self.sources:
-            source.stop()
-        for reader in self.readers:
-            reader.stop()
-        self.worker.stop(drain=True, timeout=STOP_TIMEOUT_S)
-        with self._lock:
-            for source in self.sources:
-                reason = "stream-end" if source.state.value in ("ended", "failed") else "shutdown"
-                for event in self.smoothers[source.name].close_all(reason):
-                    self._sinks(event)
-        if self.view:
-            self.view.stop()
+        self.pipeline.stop(timeout=STOP_TIMEOUT_S)  # open events are closed: their OFFs go to the sinks
+        self.hub.close(timeout=STOP_TIMEOUT_S)
         if self.mqtt:
             self.mqtt.stop(timeout=STOP_TIMEOUT_S)
             st = self.mqtt.stats
@@ -262,6 +244,9 @@ class Daemon:
                      self.raised, st.events_delivered, st.events_dropped, st.events_unsent)
         else:
             log.info("events: raised %d", self.raised)
+        shed = {name: lane["shed"] for name, lane in self.hub.stats().items() if lane["shed"]}
+        if shed:
+            log.warning("sinks that could not keep up shed: %s", ", ".join(f"{k} {v}" for k, v in shed.items()))
         if self.clips:
             self.clips.close()
         if self.metrics_server:

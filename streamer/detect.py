@@ -8,16 +8,18 @@ windows, start samples and scores the same audio would give live.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from streamer.capture.files import iter_audio
+from streamer.capture.files import audio_info, iter_audio
+from streamer.capture.sources import FileSource
+from streamer.errors import StreamerError
 from streamer.features.fbank import FRAME_SHIFT
-from streamer.events import Event, EventSmoother
+from streamer.events import Event, EventSmoother, Target
 from streamer.inference.engine import InferenceEngine
 from streamer.constants import SAMPLE_RATE_HZ
 from streamer.features.windows import StreamWindows, Window
@@ -44,9 +46,64 @@ def hop_to_frames(hop_seconds: float) -> int:
 
 
 def iter_windows(path: str | Path, windows: StreamWindows) -> Iterator[Window]:
+    """The reference path, one stream at a time (tests and benchmarks compare against it)."""
     for block in iter_audio(path):
         yield from windows.push(block)
     yield from windows.finish()
+
+
+def score_files(
+    paths: Sequence[str | Path],
+    engine: InferenceEngine,
+    hop_frames: int,
+    targets: Sequence[Target] = (),
+    on_window: Callable[[int, int, np.ndarray], None] | None = None,
+) -> list[FileScores]:
+    """Score files through the live pipeline, as lossless file sources read as fast as it goes.
+
+    Every file is a stream of one :class:`~streamer.pipeline.Pipeline`, so files are batched
+    together and a file gives exactly the windows, scores and events that a live stream of
+    the same audio gives. ``on_window(file index, start sample, probabilities)`` is called
+    for each window as it is scored (in each file's order). A file that cannot be decoded
+    stops the command with its one-line error.
+    """
+    from streamer.pipeline import Pipeline
+    from streamer.sinks.base import SinkHub
+
+    for path in paths:
+        audio_info(Path(path))  # a missing or undecodable file: its one-line error before anything starts
+    sources = [FileSource(stream_name(p), p, realtime=False) for p in paths]
+    starts: list[list[int]] = [[] for _ in paths]
+    rows: list[list[np.ndarray]] = [[] for _ in paths]
+    events: list[list[Event]] = [[] for _ in paths]
+
+    def window(ref, row, latency) -> None:
+        starts[ref.stream].append(ref.start_sample)
+        rows[ref.stream].append(row)
+        if on_window is not None:
+            on_window(ref.stream, ref.start_sample, row)
+
+    def event(stream: int, e: Event) -> Event:
+        events[stream].append(e)
+        return e
+
+    pipeline = Pipeline(engine, sources, hop_frames, list(targets), SinkHub(), max_wait_ms=0.0,
+                        on_event=event, on_window=window, stop_when_done=True)
+    pipeline.start()
+    try:
+        pipeline.wait()
+    finally:
+        for source in sources:
+            source.stop()
+    for source in sources:
+        if source.state.value == "failed":
+            raise StreamerError(source.error or f"{source.describe()}: cannot be read")
+    pipeline.close_events("stream-end")
+    labels = len(engine.labels)
+    return [FileScores(path=str(p), start_sample=np.asarray(starts[i], dtype=np.int64),
+                       scores=np.stack(rows[i]).astype(np.float32) if rows[i] else np.zeros((0, labels), dtype=np.float32),
+                       events=events[i])
+            for i, p in enumerate(paths)]
 
 
 def score_file(
@@ -56,43 +113,8 @@ def score_file(
     on_batch: Callable[[list[Window], np.ndarray], None] | None = None,
     smoother: EventSmoother | None = None,
 ) -> FileScores:
-    """Slide windows over one file and score them in batches of the engine's size.
-
-    With a ``smoother``, its events are collected in ``FileScores.events`` (open ones
-    closed at the end of the file, as a live stream that ends would close them).
-    """
-    stream = StreamWindows(stream_name(path), engine.loaded.features, hop_frames)
-    events: list[Event] = []
-    starts: list[int] = []
-    scores: list[np.ndarray] = []
-    pending: list[Window] = []
-
-    def flush() -> None:
-        probs = engine.score(pending)
-        starts.extend(w.start_sample for w in pending)
-        scores.append(probs)
-        if smoother is not None:
-            for window, row in zip(pending, probs):
-                events.extend(smoother.update(window.start_sample, row, window.wall_time))
-        if on_batch:
-            on_batch(list(pending), probs)
-        pending.clear()
-
-    for window in iter_windows(path, stream):
-        pending.append(window)
-        if len(pending) == engine.max_batch:
-            flush()
-    if pending:
-        flush()
-    if smoother is not None:
-        events.extend(smoother.close_all("stream-end"))
-    labels = len(engine.labels)
-    return FileScores(
-        path=str(path),
-        start_sample=np.asarray(starts, dtype=np.int64),
-        scores=np.concatenate(scores) if scores else np.zeros((0, labels), dtype=np.float32),
-        events=events,
-    )
+    """One file through :func:`score_files`; with a ``smoother``, its targets' events too."""
+    return score_files([path], engine, hop_frames, smoother.targets if smoother is not None else ())[0]
 
 
 def stream_name(path: str | Path) -> str:

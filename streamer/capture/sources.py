@@ -9,6 +9,7 @@ say what it is doing, for the console, metrics and MQTT.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 import logging
 import os
 import random
@@ -96,6 +97,7 @@ class Source:
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.on_data: Callable[[], None] | None = None  # called after each write to the ring (the consumer's wake-up)
 
     def start(self) -> "Source":
         self._thread = threading.Thread(target=self._run_guarded, name=f"source-{self.name}", daemon=True)
@@ -138,6 +140,8 @@ class Source:
         self.stats.samples += len(samples)
         while not self._stop.is_set():
             if self.ring.write(samples, wall_end, block=block, timeout=0.2 if block else None) or len(samples) == 0:
+                if self.on_data is not None:
+                    self.on_data()
                 return
 
     def _count_damaged(self, count: int) -> None:

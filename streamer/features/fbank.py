@@ -58,12 +58,27 @@ def log_mel(samples: np.ndarray | torch.Tensor, num_mel_bins: int) -> torch.Tens
         return torch.zeros(0, num_mel_bins)
     count = (waveform.shape[0] - FRAME_LENGTH) // FRAME_SHIFT + 1
     frames = waveform.as_strided((count, FRAME_LENGTH), (FRAME_SHIFT, 1))
+    return log_mel_frames(frames, _WINDOW, _mel_matrix(num_mel_bins))
+
+
+def log_mel_frames(frames: torch.Tensor, window: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+    """Kaldi log-mel of framed audio ``(n, 400)`` → ``(n, bins)``, on whatever device they are.
+
+    The one place the filterbank arithmetic lives: :func:`log_mel` (one stream, on the
+    CPU) and the pipeline's batched frontend (every stream's new frames in one call, on the
+    model's device) both use it, so live frames equal offline ones.
+    """
     frames = frames - frames.mean(dim=1, keepdim=True)
     previous = torch.cat((frames[:, :1], frames[:, :-1]), dim=1)  # Kaldi replicates the first sample
-    frames = (frames - PREEMPHASIS * previous).mul_(_WINDOW)
+    frames = (frames - PREEMPHASIS * previous).mul_(window)
     spectrum = torch.fft.rfft(frames, n=FFT_SIZE)
     power = spectrum.real.square() + spectrum.imag.square()  # |z|² without fbank's sqrt-then-square
-    return torch.mm(power, _mel_matrix(num_mel_bins)).clamp_min_(kaldi.EPSILON).log_()
+    return torch.mm(power, mel).clamp_min_(kaldi.EPSILON).log_()
+
+
+def filterbank_constants(num_mel_bins: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The analysis window and the mel matrix, on ``device`` (for :func:`log_mel_frames`)."""
+    return _WINDOW.to(device), _mel_matrix(num_mel_bins).to(device)
 
 
 def normalise(frames: torch.Tensor, features: FeatureConfig) -> torch.Tensor:

@@ -234,12 +234,15 @@ class InferenceEngine:
         t0 = time.perf_counter()
         slot = self._free_slots.get()
         try:
-            staged = self._host_in[slot][:n]
-            if isinstance(chunk, torch.Tensor):
-                staged.copy_(chunk)
+            if self._on_gpu and isinstance(chunk, torch.Tensor) and chunk.device == self.device:
+                done = self._launch(slot, None, chunk)  # already on the device (the pipeline's frame rings)
             else:
-                torch.stack(list(chunk), out=staged)
-            done = self._launch(slot, staged)
+                staged = self._host_in[slot][:n]
+                if isinstance(chunk, torch.Tensor):
+                    staged.copy_(chunk)
+                else:
+                    torch.stack(list(chunk), out=staged)
+                done = self._launch(slot, staged)
         except BaseException:
             self._free_slots.put(slot)
             raise
@@ -247,8 +250,8 @@ class InferenceEngine:
         self.stats.windows += n
         return Pending(slot, n, done, t0)
 
-    def _launch(self, slot: int, staged: torch.Tensor) -> torch.cuda.Event | None:
-        n = staged.shape[0]
+    def _launch(self, slot: int, staged: torch.Tensor | None, on_device: torch.Tensor | None = None) -> torch.cuda.Event | None:
+        n = (staged if staged is not None else on_device).shape[0]
         host_out = self._host_out[slot][:n]
         if not self._on_gpu:
             if self.precision == "int8":
@@ -258,11 +261,14 @@ class InferenceEngine:
             else:
                 host_out.copy_(self._forward(staged))
             return None
-        dev = self._dev_in[slot][:n]
-        with torch.cuda.stream(self._copy_stream):
-            dev.copy_(staged, non_blocking=True)
         compute = torch.cuda.current_stream(self.device)
-        compute.wait_stream(self._copy_stream)
+        if on_device is not None:
+            dev = on_device
+        else:
+            dev = self._dev_in[slot][:n]
+            with torch.cuda.stream(self._copy_stream):
+                dev.copy_(staged, non_blocking=True)
+            compute.wait_stream(self._copy_stream)
         if self.batch_sizes:
             size = next(s for s in self.batch_sizes if s >= n)
             graph, static_in, static_out = self._graphs[size]

@@ -124,8 +124,12 @@ class SinkHub:
     def add(self, sink: Sink, queue_items: int = DEFAULT_QUEUE_ITEMS) -> Sink:
         if self._started:
             raise RuntimeError("add sinks before start()")
-        self._lanes.append(_Lane(sink, queue.Queue(maxsize=queue_items)))
+        self._lanes.append(_Lane(sink, queue.Queue(maxsize=queue_items)))  # 0: unbounded (offline collectors only)
         return sink
+
+    def wants(self, kind: type) -> bool:
+        """Whether any sink accepts items of ``kind`` (so that nobody builds them for nothing)."""
+        return any(issubclass(kind, lane.sink.accepts) for lane in self._lanes)
 
     @property
     def sinks(self) -> list[Sink]:

@@ -9,6 +9,7 @@ log line, or one JSON object with ``--json``.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -20,7 +21,10 @@ from rich.table import Table
 from rich.text import Text
 
 from streamer.events import Event
+from streamer.sinks.base import Scores
 from streamer.features.fbank import LEVEL_FLOOR_DBFS
+
+log = logging.getLogger(__name__)
 
 TOP_LABELS = 3
 BAR_WIDTH = 20
@@ -47,9 +51,17 @@ class StreamView:
 
 
 class ConsoleView:
-    """The live terminal view; ``update_*`` from any thread, rendered on rich's own timer."""
+    """The live terminal view; ``update_*`` from any thread, rendered on rich's own timer.
 
-    def __init__(self, streams: list[str], console: Console | None = None) -> None:
+    As a sink it takes events and scores on its own thread (the pipeline never waits for
+    the terminal).
+    """
+
+    name = "console"
+    accepts = (Event, Scores)
+
+    def __init__(self, streams: list[str], console: Console | None = None, labels: tuple[str, ...] = ()) -> None:
+        self.labels = labels
         self.console = console or Console()
         self.streams = {name: StreamView(name) for name in streams}
         self.mqtt_queue: int | None = None
@@ -71,6 +83,17 @@ class ConsoleView:
     def event(self, event: Event) -> None:
         with self._lock:
             self.recent = (self.recent + [plain_line(event)])[-5:]
+
+    def handle(self, item: Event | Scores) -> None:
+        if isinstance(item, Event):
+            self.event(item)
+        else:
+            if self.labels:
+                self.update_scores(item.stream, self.labels, item.probabilities)
+            self.update_stream(item.stream, active=list(item.active))
+
+    def close(self) -> None:
+        self.stop()
 
     def render(self) -> Group:
         with self._lock:
@@ -108,14 +131,39 @@ def plain_line(event: Event) -> str:
 
 
 class LinePrinter:
-    """Not a terminal: one line per event (plain text, or JSON with ``as_json``)."""
+    """Not a terminal: one line per event (plain text, or JSON with ``as_json``).
+
+    A sink: it writes on its own thread, so a stdout that nobody reads blocks only this
+    printer (its queue fills and sheds, counted by the hub). A closed stdout (the reader
+    went away) ends the printing with one log line; every line not printed is counted.
+    """
+
+    name = "console"
+    accepts = (Event,)
 
     def __init__(self, as_json: bool = False, stream=None) -> None:
         self.as_json = as_json
         self.out = stream or sys.stdout
+        self.closed_reason: str | None = None
+        self.unprinted = 0  # lines not printed because the output was closed
         self._lock = threading.Lock()
 
     def event(self, event: Event) -> None:
+        if self.closed_reason is not None:
+            self.unprinted += 1
+            return
         line = json.dumps(event.as_dict()) if self.as_json else plain_line(event)
-        with self._lock:
-            print(line, file=self.out, flush=True)
+        try:
+            with self._lock:
+                print(line, file=self.out, flush=True)
+        except (BrokenPipeError, OSError, ValueError) as exc:  # closed pipe, closed file, full disk
+            self.closed_reason = getattr(exc, "strerror", None) or type(exc).__name__
+            self.unprinted += 1
+            log.warning("event lines are no longer printed: the output is closed (%s); detection and MQTT go on",
+                        self.closed_reason)
+
+    handle = event
+
+    def close(self) -> None:
+        if self.unprinted:
+            log.info("console: %d event line(s) not printed (output closed)", self.unprinted)

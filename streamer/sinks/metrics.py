@@ -44,6 +44,9 @@ class Metrics:
         self.mqtt_events_dropped = Gauge("streamer_mqtt_events_dropped", "Event messages dropped from a full MQTT queue", registry=r)
         self.mqtt_connected = Gauge("streamer_mqtt_connected", "1 while connected to the broker", registry=r)
         self.clip_errors = Gauge("streamer_clip_errors", "Clips that could not be written", registry=r)
+        self.sink_shed = Gauge("streamer_sink_shed", "Items a sink's full queue shed (it could not keep up)", ["sink"], registry=r)
+        self.sink_queue = Gauge("streamer_sink_queue_length", "Items waiting for a sink", ["sink"], registry=r)
+        self.sink_busy = Gauge("streamer_sink_busy_seconds", "How long the sink has been on its current item (a stuck sink grows)", ["sink"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -362,3 +362,19 @@ class MqttPublisher:
         self.stats.events_unsent = sum(m.is_event for m in self._queue)
         if self._queue:
             log.warning("mqtt: %d messages (%d events) were still queued at exit", len(self._queue), self.stats.events_unsent)
+
+
+class MqttEventSink:
+    """The publisher as a sink: events reach its queue from the hub's thread, never the scorer's."""
+
+    name = "mqtt"
+    accepts = (Event,)
+
+    def __init__(self, publisher: MqttPublisher) -> None:
+        self.publisher = publisher
+
+    def handle(self, item: Event) -> None:
+        self.publisher.publish_event(item)
+
+    def close(self) -> None:  # the daemon stops the publisher itself, after the last OFFs
+        pass

@@ -1,0 +1,253 @@
+"""The one composition root: sources → frames → worker → smoothers → sinks.
+
+``streamer run`` (the daemon) and ``streamer detect`` (files, offline) both build a
+:class:`Pipeline`; offline is the same pipeline over lossless file sources, so a file
+gives the windows, scores and events the same audio gives live.
+
+Threads, whatever the number of streams: the sources' producers (capture), the worker's
+scoring and results threads, one per sink (:class:`~streamer.sinks.base.SinkHub`), and
+the caller's. Work is woken by data: each source's ``on_data`` hook marks its stream and
+wakes the worker; the feed looks only at marked streams and reads a stream's ring only
+when its next window is due (or, for a lossless stream, when it has room for windows),
+so a stream costs a few microseconds per block and one read per hop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from streamer.capture.sources import FileSource, Source
+from streamer.constants import SAMPLE_RATE_HZ
+from streamer.events import Event, EventSmoother, Target
+from streamer.features.fbank import LEVEL_FLOOR_DBFS, dbfs, window_samples
+from streamer.features.frames import FrameBank, WindowRef
+from streamer.inference.engine import InferenceEngine
+from streamer.inference.worker import IDLE_TICK_S, Worker
+from streamer.sinks.base import Scores, SinkHub, Spectrogram
+
+log = logging.getLogger(__name__)
+
+MAX_READ_SECONDS = 4.0  # audio one stream may bring into one feed: bounds the frontend's work per step
+SPECTROGRAM_STEP = 2  # live views get every 2nd frame (20 ms rows)
+
+
+@dataclass
+class StreamSlot:
+    """One stream in the pipeline: its source and what the pipeline knows of it."""
+
+    index: int
+    source: Source
+    lossless: bool
+    level_dbfs: float = LEVEL_FLOOR_DBFS
+    windows: int = 0  # windows that became due
+    done: bool = False  # finished and its last window handed on
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+
+class Pipeline:
+    """Sources → :class:`FrameBank` → :class:`Worker` → smoothers → :class:`SinkHub`.
+
+    ``targets`` are the detect targets (the same for every stream); ``hub`` holds the
+    sinks (events, scores, live state); ``on_event(stream index, event)`` runs on the results
+    thread for each event before the fan-out — the place to attach a clip path or count. With
+    ``stop_when_done`` the worker stops by itself once every source has ended (offline
+    detection); a live daemon keeps going until :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        sources: Sequence[Source],
+        hop_frames: int,
+        targets: list[Target],
+        hub: SinkHub,
+        max_wait_ms: float = 20.0,
+        added_delay_s: float = 0.0,
+        on_event: Callable[[int, Event], Event] | None = None,
+        on_window: Callable[[WindowRef, np.ndarray, float], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+        stop_when_done: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.labels = engine.labels
+        self.hub = hub
+        self.on_event = on_event
+        self.on_window = on_window
+        self.on_batch = on_batch
+        self._lock = threading.Lock()  # the smoothers: the results thread and a reload
+        self.stop_when_done = stop_when_done
+        self.streams = [StreamSlot(i, s, isinstance(s, FileSource) and not s.realtime) for i, s in enumerate(sources)]
+        self.by_name = {s.name: s for s in self.streams}
+        features = engine.loaded.features
+        lossless = frozenset(s.index for s in self.streams if s.lossless)
+        # lossless streams read up to max_batch windows ahead: their frames must still be in the ring
+        slack = engine.max_batch * hop_frames if lossless else None
+        self.frames = FrameBank(features, len(self.streams), hop_frames, engine.device,
+                                slack_frames=None if slack is None else slack + 200)
+        self.window_span = window_samples(features.max_length)
+        self.raised = 0  # events handed to the sinks: counted, not kept, so memory stays flat
+        self._dirty: set[int] = set(range(len(self.streams)))
+        self._last_full = 0.0
+        self._clocks = [s.source.clock for s in self.streams]
+        self._want_scores = hub.wants(Scores)
+        self._want_spectrogram = hub.wants(Spectrogram)
+        self.set_targets(targets)
+        self.worker = Worker(engine, self._feed, self.frames.gather, self._deliver, max_wait_ms,
+                             active_streams=self._active_streams, lossless=lossless, added_delay_s=added_delay_s)
+        for slot in self.streams:
+            slot.source.on_data = self._marker(slot.index)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> "Pipeline":
+        self.worker.start()
+        for slot in self.streams:
+            slot.source.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until every source has ended and its windows are delivered (offline); True if done."""
+        return self.worker.join(timeout)
+
+    def stop(self, timeout: float) -> None:
+        """Stop capture, score the windows already due, close open events (OFFs reach the sinks)."""
+        for slot in self.streams:
+            slot.source.stop()
+        self.worker.stop(drain=True, timeout=timeout)
+        self.close_events()
+
+    def close_events(self, reason: str | None = None) -> None:
+        with self._lock:
+            for slot in self.streams:
+                why = reason or ("stream-end" if slot.source.state.value in ("ended", "failed") else "shutdown")
+                self._emit(slot.index, self.smoothers[slot.index].close_all(why))
+
+    def reload(self, targets: list[Target]) -> None:
+        """New detect settings: open events close (reason ``reload``), the smoothers start afresh."""
+        with self._lock:
+            for slot in self.streams:
+                self._emit(slot.index, self.smoothers[slot.index].close_all("reload"))
+            self.set_targets(targets)
+
+    def set_targets(self, targets: list[Target]) -> None:
+        """(Re)build the smoothers; called at start and on reload (after :meth:`close_events`)."""
+        self.targets = targets
+        self.smoothers = [EventSmoother(s.name, self.labels, targets, self.window_span) for s in self.streams]
+        self._on = np.array([t.settings.on_threshold for t in targets])
+        self._off = np.array([t.settings.off_threshold for t in targets])
+        self._target_names = tuple(t.name for t in targets)
+
+    # -- the scoring thread's side ----------------------------------------------------------------
+    def _marker(self, index: int) -> Callable[[], None]:
+        def mark() -> None:  # on the producer's thread: two cheap, GIL-atomic steps
+            self._dirty.add(index)
+            self.worker.wake()
+        return mark
+
+    def _active_streams(self) -> int:
+        return sum(1 for s in self.streams if not s.done)
+
+    def _feed(self, stopping: bool) -> list[WindowRef]:
+        """Read what is due from the rings, frame it in one batched call; the windows now due."""
+        if stopping:
+            return []  # at a stop, only the windows already due are scored
+        now = time.monotonic()
+        marked, self._dirty = self._dirty, set()
+        if now - self._last_full >= IDLE_TICK_S:
+            self._last_full = now
+            candidates = range(len(self.streams))  # ends of streams, a mark that raced with the swap
+        else:
+            candidates = marked
+        chunks: list[tuple[int, int, np.ndarray]] = []
+        ending: list[int] = []
+        bank, worker = self.frames, self.worker
+        for i in candidates:
+            slot = self.streams[i]
+            if slot.done:
+                continue
+            source, ring = slot.source, slot.source.ring
+            finished = source.finished  # read before available(): every write happened before the state changed
+            available = ring.available()
+            if slot.lossless:
+                room = worker.room(i)
+                if room <= 0:
+                    continue
+                count = min(available, bank.samples_wanted(i, room))
+            elif available >= bank.samples_wanted(i) or finished or available >= ring.capacity // 2:
+                count = min(available, int(MAX_READ_SECONDS * SAMPLE_RATE_HZ))
+            else:
+                continue
+            if count > 0:
+                position, samples = ring.read(count)
+                if len(samples):
+                    chunks.append((i, position, samples))
+                    slot.level_dbfs = dbfs(samples)
+            if finished and ring.available() == 0:
+                ending.append(i)
+            elif count > 0:
+                self._dirty.add(i)  # more may be due already (a lossless stream reading ahead, a burst)
+        refs, new_frames = bank.push(chunks, self._clocks)
+        for i in ending:
+            slot = self.streams[i]
+            if slot.source.stats.samples:  # a source that failed before any audio has nothing to score
+                refs.extend(bank.finish(i))
+            slot.done = True
+        for ref in refs:
+            self.streams[ref.stream].windows += 1
+        if self._want_spectrogram and new_frames:
+            self._publish_spectrogram(new_frames)
+        if self.stop_when_done and all(s.done for s in self.streams):
+            worker.feeding_done = True
+        return refs
+
+    def _publish_spectrogram(self, new_frames: list[tuple[int, torch.Tensor]]) -> None:
+        for stream, frames in new_frames:
+            rows = frames[::SPECTROGRAM_STEP].to("cpu", torch.float16).numpy()
+            end = self.frames.runs[stream].frame_count
+            self.hub.publish(Spectrogram(self.streams[stream].name, rows, end, SPECTROGRAM_STEP))
+
+    # -- the results thread's side ------------------------------------------------------------------
+    def _deliver(self, refs: list[WindowRef], probs: np.ndarray, latencies: list[float]) -> None:
+        if self.on_batch is not None:
+            self.on_batch(len(refs))
+        with self._lock:
+            self._deliver_locked(refs, probs, latencies)
+
+    def _deliver_locked(self, refs: list[WindowRef], probs: np.ndarray, latencies: list[float]) -> None:
+        for ref, row, latency in zip(refs, probs, latencies):
+            smoother = self.smoothers[ref.stream]
+            events = smoother.update(ref.start_sample, row, ref.wall_time)
+            if self.on_window is not None:
+                self.on_window(ref, row, latency)
+            if events:
+                self._emit(ref.stream, events)
+            if self._want_scores:
+                self.hub.publish(Scores(
+                    stream=smoother.stream, start_sample=ref.start_sample, end_sample=ref.start_sample + self.window_span,
+                    wall_time=ref.wall_time, probabilities=row, targets=self._target_names,
+                    target_scores=smoother.smoothed.copy(), on_thresholds=self._on, off_thresholds=self._off,
+                    active=tuple(smoother.active_targets())))
+
+    def _emit(self, stream: int, events: list[Event]) -> None:
+        for event in events:
+            if self.on_event is not None:
+                event = self.on_event(stream, event)
+            self.raised += 1
+            self.hub.publish(event)
+
+    # -- for the status loop ---------------------------------------------------------------------------
+    @property
+    def last_progress(self) -> float:
+        return self.worker.last_progress
+
+    def finished(self) -> bool:
+        return all(s.done for s in self.streams) and self.worker.pending() == 0
