@@ -238,6 +238,11 @@ class Daemon:
                     self._sinks(event)
             self.config = candidate
             self.smoothers = self._build_smoothers()
+        # --- homeassistant (#15) hook: discovery and retained states follow the reloaded targets.
+        # Lead: port to the pipeline's reload — call MqttPublisher.set_targets({stream: [target names]}).
+        if self.mqtt:
+            self.mqtt.set_targets({name: [t.name for t in s.targets] for name, s in self.smoothers.items()})
+        # --- end of the homeassistant hook ---
         log.info("reloaded the detect section from %s", self.config_path)
         notify("STATUS=reloaded detect settings")
 
