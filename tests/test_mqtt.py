@@ -365,3 +365,56 @@ def test_level_is_published_while_connected(broker):
     finally:
         pub.stop()
         sub.close()
+
+
+def test_daemon_reload_adds_and_removes_targets_in_home_assistant(tmp_path, tiny_checkpoint, broker):
+    """The real daemon, SIGHUP with a new target list; a subscriber (and a late one) as witness."""
+    import numpy as np
+
+    from conftest import REPO, write_wav
+    from mqtt_helpers import daemon_topics
+
+    directory, _ = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
+    noise = (np.random.default_rng(0).standard_normal(16000 * 4) * 0.05).astype(np.float32)
+    audio = write_wav(tmp_path / "noise.wav", noise)
+
+    def write(include):
+        config = {"model": {"path": str(directory), "max_batch": 4}, "hop": 0.5,
+                  "sources": [{"name": "Scene", "type": "file", "path": str(audio), "realtime": True, "loop": True}],
+                  "detect": {"include": include, "defaults": {"on_threshold": 1.0, "off_threshold": 1.0}},
+                  "mqtt": {"host": "127.0.0.1", "port": broker.port},  # no instance: the host name
+                  "console": {"mode": "off"}, "logging": {"level": "info"}}
+        path = tmp_path / "streamer.yaml"
+        path.write_text(json.dumps(config))
+        return path
+
+    d = daemon_topics()
+    topic = d.device_config("Scene")
+    sub = Subscriber(broker.port, ["homeassistant/#", f"{d.base}/#"])
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "run", "--config", str(write(["LABEL_1", "LABEL_2"]))],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def cmps():
+            got = sub.on(topic)
+            return json.loads(got[-1].payload)["cmps"] if got and got[-1].payload else {}
+        assert wait_for(lambda: ha.target_key("LABEL_2") in cmps(), 60), proc.stderr.read() if proc.poll() is not None else ""
+        assert wait_for(lambda: sub.on(d.state("Scene", "LABEL_1")), 10)
+        write(["LABEL_2", "LABEL_3"])
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: ha.target_key("LABEL_3") in cmps(), 30)
+        assert cmps()[ha.target_key("LABEL_1")] == {"p": "binary_sensor"}  # removed from Home Assistant
+        assert cmps()["event"]["event_types"] == ["LABEL_2", "LABEL_3"]
+        assert wait_for(lambda: sub.on(d.state("Scene", "LABEL_1"))[-1].payload == "", 10)  # retained state cleared
+        witness = Subscriber(broker.port, ["homeassistant/#", f"{d.base}/#"])
+        assert wait_for(lambda: witness.on(topic) and witness.on(d.state("Scene", "LABEL_3")), 10)
+        announced = json.loads(witness.on(topic)[-1].payload)["cmps"]
+        assert {c["name"] for c in announced.values() if c.get("p") == "binary_sensor" and "name" in c} == {"LABEL_2", "LABEL_3"}
+        assert witness.on(d.state("Scene", "LABEL_1")) == []
+        witness.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert f"instance {d.instance_id!r} (from the host name" in err  # the log says which instance
+    finally:
+        proc.kill()
+        sub.close()
