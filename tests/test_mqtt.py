@@ -418,3 +418,27 @@ def test_daemon_reload_adds_and_removes_targets_in_home_assistant(tmp_path, tiny
     finally:
         proc.kill()
         sub.close()
+
+
+def test_a_second_daemon_on_the_same_instance_says_so_and_deletes_nothing(broker, caplog):
+    """Two daemons of one host without mqtt.instance (same derived instance), other streams:
+    the second logs an error and leaves the first one's device alone."""
+    import logging
+
+    sub = Subscriber(broker.port, ["homeassistant/#"])
+    first = publisher(broker.port, instance=None, targets={"Kitchen": ["Dog"]})
+    d = ha.Topics("streamer", host_instance())
+    try:
+        assert wait_for(lambda: sub.on(d.device_config("Kitchen")), 10)
+        assert wait_for(lambda: first.queue_length() == 0, 10)
+        with caplog.at_level(logging.ERROR, logger="streamer.sinks.mqtt"):
+            # its own client id: _make_client derives one from the second, and two in one second collide
+            second = publisher(broker.port, instance=None, targets={"Garage": ["Car"]}, client_id="second-daemon")
+            assert wait_for(lambda: sub.on(d.device_config("Garage")) and second.queue_length() == 0, 10)
+            time.sleep(0.5)
+        assert "another running streamer on this host also uses instance" in caplog.text
+        assert all(m.payload for m in sub.on(d.device_config("Kitchen")))  # never removed
+        second.stop()
+    finally:
+        first.stop()
+        sub.close()

@@ -35,6 +35,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,6 +146,9 @@ class MqttPublisher:
         self._topology = threading.Lock()  # guards targets and states against the paho thread
         self._birth_timer: threading.Timer | None = None
         self._machine_id = machine_id()
+        self._owner = f"{self._machine_id} {uuid.uuid4().hex[:8]}"  # this host, this run
+        self._peer_online = False  # the retained status said "online" before we announced ourselves
+        self._conflict = False  # another live daemon uses this instance: remove nothing we do not know
         self._legacy_cleared: set[str] = set()
         how = "from mqtt.instance" if settings.instance else "from the host name; set mqtt.instance to choose another"
         log.info("mqtt: instance %r (%s): topics under %s/", settings.instance_id, how, self.topics.base)
@@ -279,6 +283,7 @@ class MqttPublisher:
         self.last_error = None
         log.info("mqtt: connected to %s:%d", self.settings.host, self.settings.port)
         # -- what is announced on (re)connect: status, owner, discovery, current states
+        client.subscribe(self.topics.status, qos=1)  # the retained status and owner, before ours replace them
         client.subscribe(self.topics.owner, qos=1)
         if self.settings.homeassistant:
             client.subscribe(self.topics.birth, qos=1)
@@ -286,7 +291,7 @@ class MqttPublisher:
             for legacy in ha.legacy_filters(self.settings.discovery_prefix, self.settings.instance):
                 client.subscribe(legacy, qos=1)
         greeting = [Message(self.settings.status_topic, "online", retain=True),
-                    Message(self.topics.owner, self._machine_id, retain=True)] + self._announcement()
+                    Message(self.topics.owner, self._owner, retain=True)] + self._announcement()
         with self._cond:
             self.connected = True
             self.announcements += 1
@@ -316,14 +321,22 @@ class MqttPublisher:
                         self._birth_timer = threading.Timer(BIRTH_DEBOUNCE_S, self._announce_after_birth)
                         self._birth_timer.daemon = True
                         self._birth_timer.start()
+        elif topic == self.topics.status:
+            if message.retain:
+                self._peer_online = payload == "online"
         elif topic == self.topics.owner:
-            if payload and payload != self._machine_id and message.retain:
-                log.error("mqtt: another host (machine id %s…) also uses instance %r on this broker; "
-                          "set a distinct mqtt.instance on each box", payload[:8], self.settings.instance_id)
+            if message.retain and payload and payload != self._owner:
+                other_host = payload.split(" ")[0] != self._machine_id
+                if other_host or self._peer_online:
+                    self._conflict = True
+                    log.error("mqtt: %s also uses instance %r on this broker; set a distinct mqtt.instance for each "
+                              "(until then this one removes no discovery config it did not announce itself)",
+                              "another host" if other_host else "another running streamer on this host",
+                              self.settings.instance_id)
         elif not payload:
             return
         elif self.topics.owns_device_config(topic):
-            if topic not in self.discovery():
+            if topic not in self.discovery() and not self._conflict:
                 log.info("mqtt: removing the discovery config of a stream no longer configured: %s", topic)
                 self._enqueue(Message(topic, "", retain=True))
         elif topic in self._legacy_topics() and topic not in self._legacy_cleared:
