@@ -116,12 +116,52 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from streamer.settings import load_config
+    from streamer.settings import ConfigError, load_config
 
     config = load_config(args.config)
+    labels, why = model_labels(config.model.path)
+    if labels is None:
+        checked = f"targets not checked: {why}"
+    else:
+        try:
+            targets = config.detect.targets(labels)
+        except StreamerError as exc:
+            raise ConfigError([f"{args.config}: {exc}"]) from None
+        if not targets:
+            raise ConfigError([f"{args.config}: detect: no targets: detect.include matches none of the model's "
+                               f"{len(labels)} labels (see `streamer labels`)"])
+        checked = f"{len(targets)} target(s), targets checked against the model's {len(labels)} labels"
     print(f"{args.config}: OK — {len(config.sources)} source(s), hop {config.hop} s, "
-          f"MQTT {'on' if config.mqtt else 'off'}, model {config.model.path}")
+          f"MQTT {'on' if config.mqtt else 'off'}, model {config.model.path}; {checked}")
     return 0
+
+
+def model_labels(path_or_id: str) -> tuple[tuple[str, ...] | None, str]:
+    """The labels of a model from its config.json — a local directory, or a hub id already in
+    the local cache (nothing is downloaded) — or None and why they could not be read."""
+    from streamer.model.checkpoint import CheckpointError, _looks_like_hub_id
+    from streamer.model.config import ASTConfig, read_json
+
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+    elif _looks_like_hub_id(path_or_id):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path_or_id, "config.json")
+        except Exception as exc:  # a cache that cannot be read: say so, do not fail the check
+            return None, f"the hub cache could not be read ({type(exc).__name__})"
+        if not isinstance(cached, str):
+            return None, f"model {path_or_id} is not in the local Hugging Face cache (run `streamer labels --model {path_or_id}` once online)"
+        config_file = Path(cached)
+    else:
+        return None, f"model {path_or_id}: no such directory"
+    try:
+        config = ASTConfig.from_dict(read_json(config_file), source=str(config_file))
+    except (CheckpointError, StreamerError) as exc:
+        return None, f"the model's config could not be read ({exc})"
+    return config.labels, ""
 
 
 def cmd_train(args: argparse.Namespace) -> int:

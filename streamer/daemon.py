@@ -230,6 +230,8 @@ class Daemon:
             return
         self.pipeline.reload(targets)
         self.config = candidate
+        if self.mqtt:  # Home Assistant's entities follow the reloaded targets
+            self.mqtt.set_targets({s.name: [t.name for t in targets] for s in self.sources})
         log.info("reloaded the detect section from %s", self.config_path)
         notify("STATUS=reloaded detect settings")
 

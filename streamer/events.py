@@ -185,8 +185,10 @@ def _matches(label: str, patterns: tuple[str, ...]) -> bool:
 
 
 def slug(name: str) -> str:
-    """A topic- and id-safe form of a target or stream name."""
-    return re.sub(r"[^a-z0-9]+", "_", name.casefold()).strip("_") or "x"
+    """A topic- and id-safe form of a target or stream name (injective: see streamer.names)."""
+    from streamer.names import ident
+
+    return ident(name)
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,7 @@ class EventSmoother:
         self._drivers: dict[int, tuple[str, ...]] = {}
         self._last_end = 0
         self._last_wall: float | None = None
+        self._anchor: float | None = None  # wall clock of sample 0: see _wall
 
     def target_scores(self, probs: np.ndarray) -> np.ndarray:
         padded = np.append(probs.astype(np.float64), 0.0)[self._members]
@@ -297,6 +300,10 @@ class EventSmoother:
         # the audio this window adds to the one before: where a sound it newly hears began
         new_audio = start_sample if self.windows == 1 else max(start_sample, self._last_end)
         self._last_end, self._last_wall = end, wall_time
+        if wall_time is not None:  # the anchor moves forward only, or back while no event is open
+            seen = wall_time - (end - 1) / SAMPLE_RATE_HZ
+            if self._anchor is None or seen > self._anchor or not self.active.any():
+                self._anchor = seen
 
         above = smoothed >= self._on
         below = smoothed < self._off
@@ -328,10 +335,14 @@ class EventSmoother:
         return events
 
     def _wall(self, sample: int, wall_time: float | None) -> float | None:
-        """Wall clock of a stream sample, from the newest window's end time."""
-        if wall_time is None:
+        """Wall clock of a stream sample: the audio timeline, anchored to the wall clock.
+
+        The anchor (wall time of sample 0) never moves back while an event is open, so a
+        clock stepped back or a process stopped and resumed (SIGSTOP) cannot make an
+        event end before it started; it follows forward jumps (audio lost in a stall)."""
+        if wall_time is None or self._anchor is None:
             return None
-        return wall_time - (self._last_end - 1 - sample) / SAMPLE_RATE_HZ
+        return self._anchor + sample / SAMPLE_RATE_HZ
 
     def _open(self, i: int, start: int, probs: np.ndarray, score: float, wall_time: float | None) -> Event:
         target = self.targets[i]

@@ -312,9 +312,11 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     report.update(steps=step, seconds=round(time.monotonic() - started, 1), labels=new_labels,
                   base=base, preset=None if base else settings.preset, max_length=feat.max_length)
     model.eval()
+    first_new = next((p for p in [*reversed(out_dir.absolute().parents), out_dir.absolute()] if not p.exists()), None)
     save_checkpoint(LoadedModel(model, config, feat, str(out_dir)), out_dir)
     (out_dir / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "split.json").write_text(json.dumps({"validation": {k if k != "\0bg" else "background": [p.name for p in v] for k, v in val_files.items()}}, indent=2) + "\n")
+    make_readable(out_dir, created=first_new)
     return report
 
 
@@ -348,3 +350,23 @@ def _extend(loaded: LoadedModel, new_labels: list[str]) -> tuple[AudioSpectrogra
     fc.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:keep]), g[keep:]]))
     fc.bias.register_hook(lambda g: torch.cat([torch.zeros_like(g[:keep]), g[keep:]]))
     return base, config
+
+
+MODEL_FILE_MODE = 0o644
+MODEL_DIR_MODE = 0o755
+
+
+def make_readable(out_dir: Path, created: Path | None = None) -> None:
+    """Files 0644, folders 0755: a model trained as one user (root, a umask of 077) is read
+    by another — the service's dynamic user. ``created``: the first folder that training
+    created above ``out_dir``, made traversable too (folders that existed are left alone)."""
+    out_dir = out_dir.absolute()
+    for path in [out_dir, *out_dir.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod(MODEL_DIR_MODE if path.is_dir() else MODEL_FILE_MODE)
+    if created is not None:
+        created = created.absolute()
+        for parent in out_dir.parents:
+            if parent == created or created in parent.parents:
+                parent.chmod(MODEL_DIR_MODE)

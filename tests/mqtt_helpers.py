@@ -123,3 +123,11 @@ class Subscriber:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def daemon_topics(instance: str | None = None, prefix: str = "streamer"):
+    """The topics a daemon publishes under: ``mqtt.instance`` or, unset, this host's name."""
+    from streamer.names import host_instance, ident
+    from streamer.sinks.homeassistant import Topics
+
+    return Topics(prefix, ident(instance) if instance else host_instance())

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, real_clips, run_cli, write_wav
-from mqtt_helpers import Broker, Subscriber, wait_for
+from mqtt_helpers import Broker, Subscriber, daemon_topics, wait_for
+
+D = daemon_topics()  # no mqtt.instance in these configs: the host name
 from streamer.capture.files import read_audio
 
 
@@ -54,7 +56,7 @@ def daemon(config, env=None) -> subprocess.Popen:
 def test_daemon_events_on_mqtt_equal_detect_events_out(tmp_path, tiny_checkpoint, broker, scene):
     directory, _ = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
     config = write_config(tmp_path / "streamer.yaml", directory, scene, port=broker.port)
-    sub = Subscriber(broker.port, ["streamer/scene/events", "streamer/status"])
+    sub = Subscriber(broker.port, [D.events("scene"), D.status])
     result = subprocess.run([sys.executable, "-m", "streamer", "run", "--config", str(config)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -64,13 +66,13 @@ def test_daemon_events_on_mqtt_equal_detect_events_out(tmp_path, tiny_checkpoint
     assert det.returncode == 0, det.stderr
     expected = [json.loads(line) for line in offline.read_text().splitlines()]
     assert len(expected) >= 4
-    assert wait_for(lambda: len(sub.on("streamer/scene/events")) >= len(expected), 10)
-    got = [json.loads(m.payload) for m in sub.on("streamer/scene/events")]
+    assert wait_for(lambda: len(sub.on(D.events("scene"))) >= len(expected), 10)
+    got = [json.loads(m.payload) for m in sub.on(D.events("scene"))]
     keys = ("id", "target", "state", "start_sample", "end_sample", "closed_by")
     assert [{k: e[k] for k in keys} for e in got] == [{k: e[k] for k in keys} for e in expected]
     printed = [json.loads(line) for line in result.stdout.splitlines()]
     assert [e["id"] for e in printed] == [e["id"] for e in expected]
-    assert sub.on("streamer/status")[-1].payload == "offline"
+    assert sub.on(D.status)[-1].payload == "offline"
     sub.close()
 
 
@@ -82,16 +84,16 @@ def test_sigterm_mid_event_publishes_off_and_offline(tmp_path, tiny_checkpoint, 
     sub = Subscriber(broker.port, ["streamer/#"])
     proc = daemon(config)
     try:
-        assert wait_for(lambda: any(json.loads(m.payload)["state"] == "ON" for m in sub.on("streamer/scene/events")), 60)
+        assert wait_for(lambda: any(json.loads(m.payload)["state"] == "ON" for m in sub.on(D.events("scene"))), 60)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         assert time.monotonic() - t0 < 15
-        assert wait_for(lambda: any(json.loads(m.payload)["state"] == "OFF" for m in sub.on("streamer/scene/events")), 10)
-        off = [json.loads(m.payload) for m in sub.on("streamer/scene/events") if json.loads(m.payload)["state"] == "OFF"][0]
+        assert wait_for(lambda: any(json.loads(m.payload)["state"] == "OFF" for m in sub.on(D.events("scene"))), 10)
+        off = [json.loads(m.payload) for m in sub.on(D.events("scene")) if json.loads(m.payload)["state"] == "OFF"][0]
         assert off["closed_by"] == "shutdown"
-        assert sub.on(f"streamer/scene/{'label_0'}/state")[-1].payload == "OFF"
-        assert sub.on("streamer/status")[-1].payload == "offline"
+        assert sub.on(D.state("scene", label))[-1].payload == "OFF"
+        assert sub.on(D.status)[-1].payload == "offline"
     finally:
         proc.kill()
         sub.close()
@@ -258,12 +260,13 @@ def test_two_daemons_share_one_broker(tmp_path, tiny_checkpoint, broker, scene):
             procs.append(daemon(config))
         for instance in ("kitchen-box", "garage-box"):
             assert wait_for(lambda i=instance: sub.on(f"streamer/{i}/status") and sub.on(f"streamer/{i}/status")[-1].payload == "online", 60)
-        assert wait_for(lambda: any(m.topic.startswith("homeassistant/binary_sensor/streamer_kitchen_box/") for m in sub.messages)
-                        and any(m.topic.startswith("homeassistant/binary_sensor/streamer_garage_box/") for m in sub.messages), 30)
+        kitchen, garage = daemon_topics("kitchen-box"), daemon_topics("garage-box")
+        assert wait_for(lambda: sub.on(kitchen.device_config("scene")) and sub.on(garage.device_config("scene")), 30)
         procs[0].send_signal(signal.SIGTERM)
         assert procs[0].wait(30) == 0
         assert wait_for(lambda: sub.on("streamer/kitchen-box/status")[-1].payload == "offline", 10)
         assert sub.on("streamer/garage-box/status")[-1].payload == "online"  # the other one is unaffected
+        assert all(m.payload for m in sub.on(garage.device_config("scene")))  # its entities were never removed
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

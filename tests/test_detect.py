@@ -173,7 +173,7 @@ def test_absurd_config_is_refused_before_allocating(tmp_path, clip, model_dir):
 def test_hub_id_offline_without_cache_says_how_to_fix(tmp_path, clip):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = run_cli("detect", str(clip), "--model", "MIT/ast-finetuned-audioset-10-10-0.4593", env=env)
-    assert_one_line_error(result, "MIT/ast-finetuned-audioset-10-10-0.4593", "pass that directory")
+    assert_one_line_error(result, "MIT/ast-finetuned-audioset-10-10-0.4593", "set model.path to it")
 
 
 def test_hub_id_is_read_from_the_cache_offline(tmp_path, clip, tiny_checkpoint):

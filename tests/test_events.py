@@ -10,7 +10,7 @@ import pytest
 from conftest import real_clips, run_cli, write_wav
 from streamer.capture.files import read_audio
 from streamer.errors import StreamerError
-from streamer.events import DetectSettings, EventSmoother
+from streamer.events import DetectSettings, EventSmoother, slug
 
 LABELS = ("Smoke detector, smoke alarm", "Fire alarm", "Siren", "Speech", "Dog")
 WINDOW = 164080
@@ -47,7 +47,7 @@ def test_on_and_off_instants_with_hysteresis():
     assert on.start_sample == 0 * HOP + WINDOW  # the audio window 1 added: after window 0's end
     assert off.end_sample == 14 * HOP  # where the first quiet window starts: the sound has left it
     assert off.start_sample == on.start_sample
-    assert on.id == off.id == f"kitchen:smoke_detector_smoke_alarm:{on.start_sample}"
+    assert on.id == off.id == f"kitchen:{slug(LABELS[0])}:{on.start_sample}"  # slug: injective (streamer.names)
     # peak and mean over the windows from ON to OFF, both included
     assert off.peak == pytest.approx(0.6) and off.mean == pytest.approx((0.6 + 0.45 + 0.6 * 11 + 0.3) / 14)
     assert off.closed_by == "audio"

@@ -19,8 +19,10 @@ import pytest
 
 from conftest import REPO, real_clips, write_wav
 from daemon_helpers import metric, process_status, scrape_metrics
-from mqtt_helpers import Broker, Subscriber, free_port, wait_for
+from mqtt_helpers import Broker, Subscriber, daemon_topics, free_port, wait_for
 from streamer.capture.files import read_audio
+
+D = daemon_topics()  # no mqtt.instance in these configs: the host name
 
 STOP_LIMIT_S = 15.0  # SIGTERM to exit, as the unit's TimeoutStopSec allows more than this
 
@@ -80,7 +82,7 @@ def stop(proc: subprocess.Popen) -> tuple[str, str, float]:
 def test_broker_down_at_start_killed_and_restarted_every_event_accounted_for(tmp_path, model, scene):
     broker = Broker(tmp_path, persistence=True)
     # a recorder with a persistent session: the broker keeps its messages while it is away
-    sub = Subscriber(broker.port, ["streamer/scene/events"], client_id="recorder", persistent=True)
+    sub = Subscriber(broker.port, [D.events("scene")], client_id="recorder", persistent=True)
     broker.stop()
     config = write_config(tmp_path, model, [file_source("scene", scene)],
                           mqtt={"host": "127.0.0.1", "port": broker.port, "homeassistant": False})
@@ -89,7 +91,7 @@ def test_broker_down_at_start_killed_and_restarted_every_event_accounted_for(tmp
         time.sleep(8)  # broker down at start-up: detection goes on, events queue
         assert proc.poll() is None
         broker.start()
-        assert wait_for(lambda: sub.on("streamer/scene/events"), 30)
+        assert wait_for(lambda: sub.on(D.events("scene")), 30)
         broker.stop()  # down mid-run
         time.sleep(5)
         broker.start()
@@ -107,7 +109,7 @@ def test_broker_down_at_start_killed_and_restarted_every_event_accounted_for(tmp
     # the recorder got every one of them, first arrivals in the order they were raised
     def firsts():
         seen = []
-        for m in sub.on("streamer/scene/events"):
+        for m in sub.on(D.events("scene")):
             key = (json.loads(m.payload)["id"], json.loads(m.payload)["state"])
             if key not in seen:
                 seen.append(key)
@@ -126,14 +128,14 @@ def test_sigkill_mid_event_the_last_will_tells_home_assistant(tmp_path, model, s
     sub = Subscriber(broker.port, ["streamer/#", "homeassistant/#"])
     proc = start(config)
     try:
-        assert wait_for(lambda: any(m.payload == "ON" for m in sub.on("streamer/scene/label_1/state")), 60)
+        assert wait_for(lambda: any(m.payload == "ON" for m in sub.on(D.state("scene", "LABEL_1"))), 60)
         discovery = [json.loads(m.payload) for m in sub.messages if m.topic.startswith("homeassistant/") and m.payload]
-        assert discovery and all(d["availability_topic"] == "streamer/status" for d in discovery)
+        assert discovery and all(d["avty"][0]["t"] == D.status for d in discovery)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         # no OFF could be sent: the broker's last will marks every entity unavailable instead
-        assert wait_for(lambda: sub.on("streamer/status")[-1].payload == "offline", 15)
-        assert sub.on("streamer/scene/label_1/state")[-1].payload == "ON"
+        assert wait_for(lambda: sub.on(D.status)[-1].payload == "offline", 15)
+        assert sub.on(D.state("scene", "LABEL_1"))[-1].payload == "ON"
     finally:
         proc.kill()
         sub.close()
@@ -286,7 +288,7 @@ def test_capture_device_disappears_and_reappears(tmp_path, model, scene, pulse):
     env, pactl = pulse
     port = free_port()
     broker = Broker(tmp_path)
-    sub = Subscriber(broker.port, ["streamer/+/availability"])
+    sub = Subscriber(broker.port, [f"{D.base}/+/availability"])
     sources = [{"name": "room", "type": "mic", "device": "pulse", "channels": 1}, file_source("file", scene)]
     config = write_config(tmp_path, model, sources, metrics={"enabled": True, "port": port},
                           mqtt={"host": "127.0.0.1", "port": broker.port, "homeassistant": False})
@@ -296,7 +298,7 @@ def test_capture_device_disappears_and_reappears(tmp_path, model, scene, pulse):
         assert wait_for(lambda: windows("room") > 4, 60)  # a 44.1 kHz device, resampled
         assert pactl("unload-module", "module-null-sink").returncode == 0  # unplugged
         assert wait_for(lambda: metric(scrape_metrics(port), "streamer_source_up", stream="room", state="retrying") == 1, 20)
-        assert wait_for(lambda: sub.on("streamer/room/availability")[-1].payload == "offline", 10)
+        assert wait_for(lambda: sub.on(D.availability("room"))[-1].payload == "offline", 10)
         file_before, room_before = windows("file"), windows("room")
         time.sleep(5)
         assert windows("file") - file_before >= 10  # the other source never stops
@@ -305,7 +307,7 @@ def test_capture_device_disappears_and_reappears(tmp_path, model, scene, pulse):
         assert wait_for(lambda: metric(scrape_metrics(port), "streamer_source_up", stream="room", state="running") == 1, 30)
         room_back = windows("room")
         assert wait_for(lambda: windows("room") > room_back + 8, 20)
-        assert sub.on("streamer/room/availability")[-1].payload == "online"
+        assert sub.on(D.availability("room"))[-1].payload == "online"
         assert metric(scrape_metrics(port), "streamer_source_restarts", stream="room") >= 1
         out, err, took = stop(proc)
     finally:

@@ -13,9 +13,13 @@ import pytest
 
 from mqtt_helpers import Broker, Subscriber, wait_for
 from streamer.events import Event
+from streamer.names import host_instance
+from streamer.sinks import homeassistant as ha
 from streamer.sinks.mqtt import MqttPublisher, MqttSettings, TlsSettings
 
 STREAM, TARGET = "Kitchen", "Smoke alarm"
+INSTANCE = "test-box"
+T = ha.Topics("streamer", INSTANCE)  # the topics of the publishers made by publisher()
 
 
 def event(n: int, state: str = "ON", target: str = TARGET) -> Event:
@@ -24,9 +28,10 @@ def event(n: int, state: str = "ON", target: str = TARGET) -> Event:
                  end_time=None, peak=0.9, mean=0.8, closed_by=None if state == "ON" else "audio")
 
 
-def publisher(port: int, **kwargs) -> MqttPublisher:
+def publisher(port: int, targets: dict | None = None, **kwargs) -> MqttPublisher:
+    kwargs.setdefault("instance", INSTANCE)
     settings = MqttSettings(host="127.0.0.1", port=port, reconnect_min_s=1, reconnect_max_s=1, **kwargs)
-    return MqttPublisher(settings, {STREAM: [TARGET, "Dog"]}).start()
+    return MqttPublisher(settings, targets or {STREAM: [TARGET, "Dog"]}).start()
 
 
 @pytest.fixture
@@ -46,33 +51,34 @@ def test_topics_payloads_retain_and_qos(broker):
     # a subscriber arriving later sees the retained ones, flagged as retained
     sub = Subscriber(broker.port, ["streamer/#"])
     try:
-        assert wait_for(lambda: sub.on("streamer/kitchen/smoke_alarm/state"), 5)
-        status = sub.on("streamer/status")
+        assert wait_for(lambda: sub.on(T.state(STREAM, TARGET)), 5)
+        status = sub.on(T.status)
         assert status[-1].payload == "online" and status[-1].retain
-        state = sub.on("streamer/kitchen/smoke_alarm/state")
+        state = sub.on(T.state(STREAM, TARGET))
         assert state[-1].payload == "OFF" and state[-1].retain
-        assert sub.on("streamer/kitchen/dog/state")[-1].payload == "OFF"
-        assert sub.on("streamer/kitchen/events") == []  # events are not retained
+        assert sub.on(T.state(STREAM, "Dog"))[-1].payload == "OFF"
+        assert sub.on(T.events(STREAM)) == []  # events are not retained
         pub.publish_event(event(2, "ON"))
-        assert wait_for(lambda: sub.on("streamer/kitchen/events"), 5)
-        live = sub.on("streamer/kitchen/events")[0]
+        assert wait_for(lambda: sub.on(T.events(STREAM)), 5)
+        live = sub.on(T.events(STREAM))[0]
         assert live.qos == 1 and not live.retain
         payload = json.loads(live.payload)
         assert {k: payload[k] for k in ("id", "stream", "target", "state", "start_sample", "peak")} == {
             "id": "kitchen:smoke_alarm:2", "stream": STREAM, "target": TARGET, "state": "ON", "start_sample": 32000, "peak": 0.9}
-        assert wait_for(lambda: sub.on("streamer/kitchen/smoke_alarm/state")[-1].payload == "ON", 5)
+        assert wait_for(lambda: sub.on(T.state(STREAM, TARGET))[-1].payload == "ON", 5)
     finally:
         sub.close()
         pub.stop()
-    sub = Subscriber(broker.port, ["streamer/status"])
+    sub = Subscriber(broker.port, [T.status])
     try:
-        assert wait_for(lambda: sub.on("streamer/status"), 5)
-        assert sub.on("streamer/status")[-1].payload == "offline"  # a clean stop says so itself
+        assert wait_for(lambda: sub.on(T.status), 5)
+        assert sub.on(T.status)[-1].payload == "offline"  # a clean stop says so itself
     finally:
         sub.close()
 
 
 def test_last_will_on_sigkill(broker):
+    status = ha.Topics("streamer", host_instance()).status  # no mqtt.instance: the host name
     code = f"""
 import time, sys
 sys.path.insert(0, {str(os.getcwd())!r})
@@ -86,15 +92,15 @@ time.sleep(60)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        sub = Subscriber(broker.port, ["streamer/status"])
-        assert wait_for(lambda: sub.on("streamer/status") and sub.on("streamer/status")[-1].payload == "online", 5)
+        sub = Subscriber(broker.port, [status])
+        assert wait_for(lambda: sub.on(status) and sub.on(status)[-1].payload == "online", 5)
         proc.send_signal(signal.SIGKILL)
         proc.wait(5)
-        assert wait_for(lambda: sub.on("streamer/status")[-1].payload == "offline", 10)
+        assert wait_for(lambda: sub.on(status)[-1].payload == "offline", 10)
         sub.close()
-        later = Subscriber(broker.port, ["streamer/status"])
-        assert wait_for(lambda: later.on("streamer/status"), 5)
-        assert later.on("streamer/status")[-1].payload == "offline" and later.on("streamer/status")[-1].retain
+        later = Subscriber(broker.port, [status])
+        assert wait_for(lambda: later.on(status), 5)
+        assert later.on(status)[-1].payload == "offline" and later.on(status)[-1].retain
         later.close()
     finally:
         proc.kill()
@@ -102,7 +108,7 @@ time.sleep(60)
 
 def test_broker_outage_loses_no_event_and_keeps_order(tmp_path):
     broker = Broker(tmp_path, persistence=True)
-    sub = Subscriber(broker.port, ["streamer/kitchen/events"], client_id="recorder", persistent=True)
+    sub = Subscriber(broker.port, [T.events(STREAM)], client_id="recorder", persistent=True)
     pub = publisher(broker.port)
     raised = []
     try:
@@ -110,7 +116,7 @@ def test_broker_outage_loses_no_event_and_keeps_order(tmp_path):
         for n in range(5):
             raised.append(event(n, "ON" if n % 2 == 0 else "OFF"))
             pub.publish_event(raised[-1])
-        assert wait_for(lambda: len(sub.on("streamer/kitchen/events")) == 5, 10)
+        assert wait_for(lambda: len(sub.on(T.events(STREAM))) == 5, 10)
         broker.stop()
         assert wait_for(lambda: not pub.connected, 10)
         for n in range(5, 15):  # raised while the broker is down: queued
@@ -119,8 +125,8 @@ def test_broker_outage_loses_no_event_and_keeps_order(tmp_path):
             time.sleep(0.2)
         assert pub.queue_length() >= 20  # events and states
         broker.start()
-        assert wait_for(lambda: len({json.loads(m.payload)["start_sample"] for m in sub.on("streamer/kitchen/events")}) == 15, 30)
-        got = [json.loads(m.payload) for m in sub.on("streamer/kitchen/events")]
+        assert wait_for(lambda: len({json.loads(m.payload)["start_sample"] for m in sub.on(T.events(STREAM))}) == 15, 30)
+        got = [json.loads(m.payload) for m in sub.on(T.events(STREAM))]
         firsts = []
         for g in got:  # QoS 1 is at least once: order of first arrivals, and the exact set
             key = (g["id"], g["state"])
@@ -135,7 +141,7 @@ def test_broker_outage_loses_no_event_and_keeps_order(tmp_path):
 
 
 def test_queue_full_drops_oldest_and_counts(tmp_path):
-    pub = MqttPublisher(MqttSettings(host="127.0.0.1", port=1, queue_size=4, reconnect_min_s=1, reconnect_max_s=1), {STREAM: [TARGET]}).start()
+    pub = MqttPublisher(MqttSettings(host="127.0.0.1", port=1, queue_size=4, reconnect_min_s=1, reconnect_max_s=1, homeassistant=False), {STREAM: [TARGET]}).start()
     try:
         for n in range(5):
             pub.publish_event(event(n))  # two messages each: ten into a queue of four
@@ -154,7 +160,7 @@ def test_wrong_password_is_a_clear_error_that_keeps_retrying(tmp_path, caplog):
         assert not pub.connected
         pub.publish_event(event(1))
         time.sleep(2.5)  # retried, still alive, still queued
-        assert pub.queue_length() == 2 and pub._sender.is_alive()
+        assert pub.queue_length() == 3 and pub._sender.is_alive()  # event, state, HA event
         pub.stop(timeout=0.5)
         assert "wrong-password" not in caplog.text and "wrong-password" not in repr(pub.settings)
         good = publisher(broker.port, username="streamer", password="s3cret-pw")
@@ -184,9 +190,9 @@ def test_tls_with_a_certificate_made_by_the_test(tmp_path):
     try:
         pub = publisher(broker.port, tls=TlsSettings(ca_certs=certs["ca"]))
         assert wait_for(lambda: pub.connected, 10), pub.last_error
-        sub = Subscriber(broker.port, ["streamer/kitchen/events"], ca=certs["ca"])
+        sub = Subscriber(broker.port, [T.events(STREAM)], ca=certs["ca"])
         pub.publish_event(event(7))
-        assert wait_for(lambda: sub.on("streamer/kitchen/events"), 10)
+        assert wait_for(lambda: sub.on(T.events(STREAM)), 10)
         sub.close()
         pub.stop()
         wrong = publisher(broker.port, tls=TlsSettings(ca_certs=certs["other"]))
@@ -197,64 +203,242 @@ def test_tls_with_a_certificate_made_by_the_test(tmp_path):
         broker.stop()
 
 
-# Home Assistant's MQTT discovery schemas (binary_sensor and sensor): the keys each accepts.
-HA_COMMON = {"availability", "availability_mode", "availability_template", "availability_topic", "device", "default_entity_id",
-             "enabled_by_default", "encoding", "entity_category", "expire_after", "force_update", "icon",
-             "json_attributes_template", "json_attributes_topic", "name", "object_id", "payload_available",
-             "payload_not_available", "qos", "state_topic", "unique_id", "value_template", "platform", "origin"}
-HA_BINARY_SENSOR = HA_COMMON | {"device_class", "off_delay", "payload_off", "payload_on"}
-HA_SENSOR = HA_COMMON | {"device_class", "last_reset_value_template", "state_class", "suggested_display_precision", "unit_of_measurement", "options"}
-HA_DEVICE = {"configuration_url", "connections", "hw_version", "identifiers", "manufacturer", "model", "model_id", "name",
-             "serial_number", "suggested_area", "sw_version", "via_device"}
-HA_BINARY_SENSOR_CLASSES = {"sound", "smoke", "safety", "problem", "occupancy", "motion"}
+def device_configs(sub: Subscriber, topics: ha.Topics = T) -> dict[str, dict]:
+    """The newest retained-or-live device config per device topic of ``topics``' instance ("" = removed)."""
+    out = {}
+    for m in list(sub.messages):
+        if topics.owns_device_config(m.topic):
+            out[m.topic] = json.loads(m.payload) if m.payload else ""
+    return out
 
 
-def test_home_assistant_discovery_payloads(broker):
-    sub = Subscriber(broker.port, ["homeassistant/#"])
-    pub = publisher(broker.port, instance="Garage Box")
+def test_device_discovery_on_connect_and_event_entity(broker):
+    from test_homeassistant import check_device_payload
+
+    sub = Subscriber(broker.port, ["homeassistant/#", f"{T.base}/#"])
+    pub = publisher(broker.port, protocol="5")
     try:
-        node = "streamer_garage_box"
-        binary = f"homeassistant/binary_sensor/{node}/kitchen_smoke_alarm/config"
-        sensor = f"homeassistant/sensor/{node}/kitchen_level/config"
-        assert wait_for(lambda: sub.on(binary) and sub.on(sensor), 10)
-        b = json.loads(sub.on(binary)[-1].payload)
-        assert set(b) <= HA_BINARY_SENSOR and set(b["device"]) <= HA_DEVICE
-        assert b["device_class"] in HA_BINARY_SENSOR_CLASSES and b["device_class"] == "sound"
-        assert b["state_topic"] == "streamer/kitchen/smoke_alarm/state"
-        assert (b["payload_on"], b["payload_off"]) == ("ON", "OFF")
-        assert b["availability_topic"] == "streamer/Garage Box/status" and b["payload_available"] == "online"
-        assert b["unique_id"] == f"{node}_kitchen_smoke_alarm" and b["name"] == TARGET
-        assert b["device"]["identifiers"] == [f"{node}_kitchen"] and b["device"]["manufacturer"] == "streamer"
-        s = json.loads(sub.on(sensor)[-1].payload)
-        assert set(s) <= HA_SENSOR
-        assert (s["device_class"], s["unit_of_measurement"], s["state_class"]) == ("sound_pressure", "dB", "measurement")
-        assert s["state_topic"] == "streamer/kitchen/level"
-        assert len({json.loads(sub.on(t)[-1].payload)["unique_id"] for t in (binary, sensor)}) == 2
-        # Home Assistant restarts: everything is announced again
-        count = len(sub.on(binary))
-        helper = Subscriber(broker.port, [])
-        helper.client.publish("homeassistant/status", "online", qos=1)
-        assert wait_for(lambda: len(sub.on(binary)) > count, 10)
-        # a target taken out of the config: its retained config is removed
+        topic = T.device_config(STREAM)
+        assert wait_for(lambda: topic in device_configs(sub), 10)
+        payload = device_configs(sub)[topic]
+        check_device_payload(payload, [TARGET, "Dog"])
+        assert sub.on(topic)[-1].retain is False or True  # live copy; the retained one is checked below
+        later = Subscriber(broker.port, [topic])
+        assert wait_for(lambda: later.on(topic), 5) and later.on(topic)[-1].retain
+        later.close()
+        # one HA event per ON, with a documented event_type; none for the OFF
+        pub.publish_event(event(1, "ON"))
+        pub.publish_event(event(1, "OFF"))
+        assert wait_for(lambda: len(sub.on(T.events(STREAM))) == 2, 10)
+        assert wait_for(lambda: sub.on(T.ha_event(STREAM)), 5)
+        time.sleep(0.3)
+        (ha_event,) = sub.on(T.ha_event(STREAM))
+        body = json.loads(ha_event.payload)
+        assert body["event_type"] == TARGET and body["event_type"] in payload["cmps"]["event"]["event_types"]
+        assert body["event_id"] == "kitchen:smoke_alarm:1" and body["stream"] == STREAM and not ha_event.retain
+        assert pub.stats.events_queued == 2  # the HA event is not counted as a detector event
+    finally:
+        pub.stop()
+        sub.close()
+
+
+def test_reload_adds_and_removes_targets_and_streams(broker):
+    sub = Subscriber(broker.port, ["homeassistant/#", f"{T.base}/#"])
+    pub = publisher(broker.port, targets={STREAM: [TARGET, "Dog"], "Garage": ["Car"]})
+    try:
+        assert wait_for(lambda: len(device_configs(sub)) == 2, 10)
+        pub.publish_event(event(1, "ON", target="Dog"))
+        assert wait_for(lambda: sub.on(T.state(STREAM, "Dog")) and sub.on(T.state(STREAM, "Dog"))[-1].payload == "ON", 10)
+        pub.set_targets({STREAM: [TARGET, "Cat"]})  # Dog out, Cat in; the Garage stream gone
+        kitchen, garage = T.device_config(STREAM), T.device_config("Garage")
+        assert wait_for(lambda: device_configs(sub).get(garage) == "", 10)
+        assert wait_for(lambda: "Cat" in json.dumps(device_configs(sub)[kitchen]), 10)
+        cmps = device_configs(sub)[kitchen]["cmps"]
+        assert cmps[ha.target_key("Dog")] == {"p": "binary_sensor"}  # removed from the device
+        assert cmps[ha.target_key("Cat")]["name"] == "Cat" and cmps["event"]["event_types"] == [TARGET, "Cat"]
+        assert wait_for(lambda: sub.on(T.state(STREAM, "Dog"))[-1].payload == "", 10)  # retained state cleared
+        assert wait_for(lambda: sub.on(T.state(STREAM, "Cat")) and sub.on(T.state(STREAM, "Cat"))[-1].payload == "OFF", 10)
+        assert wait_for(lambda: pub.queue_length() == 0, 10)
+        # a late subscriber sees exactly the configured entities
+        witness = Subscriber(broker.port, ["homeassistant/#", f"{T.base}/#"])
+        time.sleep(0.5)
+        assert set(device_configs(witness)) == {kitchen}
+        assert witness.on(T.state(STREAM, "Dog")) == [] and witness.on(T.state("Garage", "Car")) == []
+        assert witness.on(T.state(STREAM, "Cat"))[-1].payload == "OFF"
+        witness.close()
+        pub.set_targets({STREAM: [TARGET, "Cat"]})  # the same again: nothing to say
+        assert pub.queue_length() == 0
+    finally:
+        pub.stop()
+        sub.close()
+
+
+def test_a_burst_of_home_assistant_births_announces_once(broker):
+    helper = Subscriber(broker.port, [])
+    # a retained birth left on the broker is an old one: the connect greeting answers it
+    helper.client.publish("homeassistant/status", "online", qos=1, retain=True).wait_for_publish(5)
+    sub = Subscriber(broker.port, ["homeassistant/device/#"])
+    pub = publisher(broker.port)
+    try:
+        topic = T.device_config(STREAM)
+        assert wait_for(lambda: sub.on(topic), 10)
+        assert wait_for(lambda: pub.queue_length() == 0, 10)
+        time.sleep(2.5)  # longer than the debounce
+        assert pub.announcements == 1 and len(sub.on(topic)) == 1
+        for _ in range(5):  # Home Assistant restarts: a burst of births
+            helper.client.publish("homeassistant/status", "online", qos=1)
+        assert wait_for(lambda: len(sub.on(topic)) > 1, 10)
+        time.sleep(3)  # longer than the debounce: no second announcement follows
+        assert len(sub.on(topic)) == 2 and pub.announcements == 2
+        helper.client.publish("homeassistant/status", "offline", qos=1)  # a last will is no birth
+        time.sleep(2.5)
+        assert pub.announcements == 2
+    finally:
+        helper.client.publish("homeassistant/status", "", qos=1, retain=True)
         pub.stop()
         helper.close()
-        smaller = MqttPublisher(MqttSettings(host="127.0.0.1", port=broker.port, instance="Garage Box"), {STREAM: ["Dog"]}).start()
-        assert wait_for(lambda: sub.on(binary)[-1].payload == "", 10)
-        assert json.loads(sub.on(f"homeassistant/binary_sensor/{node}/kitchen_dog/config")[-1].payload)["name"] == "Dog"
+        sub.close()
+
+
+def test_two_publishers_without_instance_names_keep_each_others_entities(broker):
+    """Two boxes of different host names on one broker (the host name is simulated by
+    mqtt.instance here; the daemon test runs the derived one): each keeps its entities,
+    neither deletes or overwrites the other's, though their streams and targets are equal."""
+    subs = Subscriber(broker.port, ["homeassistant/#", "streamer/#"])
+    one = publisher(broker.port, instance="kitchen-box")
+    two = publisher(broker.port, instance="garage-box")
+    a, b = ha.Topics("streamer", "kitchen-box"), ha.Topics("streamer", "garage-box")
+    try:
+        assert wait_for(lambda: device_configs(subs, a) and device_configs(subs, b), 10)
+        one.publish_event(event(1, "ON"))
+        assert wait_for(lambda: subs.on(a.state(STREAM, TARGET)) and subs.on(a.state(STREAM, TARGET))[-1].payload == "ON", 10)
+        one.stop()  # a restart of one with fewer targets must not touch the other
+        smaller = publisher(broker.port, instance="kitchen-box", targets={STREAM: ["Dog"]})
+        assert wait_for(lambda: smaller.connected and smaller.queue_length() == 0, 10)
+        time.sleep(0.5)
+        assert not any(m.payload == "" for m in subs.messages if m.topic.startswith(("streamer/garage-box", b.device_prefix)))
+        assert not any(m.topic.startswith("streamer/garage-box") for m in subs.messages if m.payload in ("ON", ""))
+        witness = Subscriber(broker.port, ["homeassistant/#", "streamer/#"])
+        time.sleep(0.5)
+        assert set(device_configs(witness, b)) == {b.device_config(STREAM)}
+        assert json.loads(witness.on(b.device_config(STREAM))[-1].payload)["cmps"][ha.target_key(TARGET)]["name"] == TARGET
+        assert witness.on(b.status)[-1].payload == "online"
+        witness.close()
         smaller.stop()
     finally:
+        two.stop()
+        subs.close()
+
+
+def test_old_per_entity_configs_are_cleared_once(broker):
+    legacy = ha.legacy_topics("homeassistant", INSTANCE, {STREAM: [TARGET, "Dog"]})
+    stranger = "homeassistant/binary_sensor/someone_else/kitchen_dog/config"
+    helper = Subscriber(broker.port, [])
+    for topic in [*legacy, stranger]:
+        helper.client.publish(topic, json.dumps({"name": "old"}), qos=1, retain=True).wait_for_publish(5)
+    sub = Subscriber(broker.port, ["homeassistant/#"])
+    pub = publisher(broker.port)
+    try:
+        assert wait_for(lambda: all(sub.on(t) and sub.on(t)[-1].payload == "" for t in legacy), 10)
+        assert sub.on(stranger)[-1].payload != ""  # not ours: untouched
+        cleared = sum(1 for m in sub.messages if m.topic in legacy and m.payload == "")
+        pub._client.reconnect()  # a reconnect finds nothing left to clear
+        assert wait_for(lambda: pub.stats.connects >= 2 and pub.queue_length() == 0, 10)
+        time.sleep(0.5)
+        assert sum(1 for m in sub.messages if m.topic in legacy and m.payload == "") == cleared == len(legacy)
+    finally:
+        helper.client.publish(stranger, "", qos=1, retain=True)
+        pub.stop()
+        helper.close()
         sub.close()
 
 
 def test_level_is_published_while_connected(broker):
-    sub = Subscriber(broker.port, ["streamer/kitchen/level"])
+    sub = Subscriber(broker.port, [T.level(STREAM)])
     pub = publisher(broker.port)
     try:
         assert wait_for(lambda: pub.connected, 10)
         pub.publish_level(STREAM, -31.26)
-        assert wait_for(lambda: sub.on("streamer/kitchen/level"), 5)
-        message = sub.on("streamer/kitchen/level")[0]
+        assert wait_for(lambda: sub.on(T.level(STREAM)), 5)
+        message = sub.on(T.level(STREAM))[0]
         assert message.payload == "-31.3" and not message.retain
     finally:
         pub.stop()
+        sub.close()
+
+
+def test_daemon_reload_adds_and_removes_targets_in_home_assistant(tmp_path, tiny_checkpoint, broker):
+    """The real daemon, SIGHUP with a new target list; a subscriber (and a late one) as witness."""
+    import numpy as np
+
+    from conftest import REPO, write_wav
+    from mqtt_helpers import daemon_topics
+
+    directory, _ = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
+    noise = (np.random.default_rng(0).standard_normal(16000 * 4) * 0.05).astype(np.float32)
+    audio = write_wav(tmp_path / "noise.wav", noise)
+
+    def write(include):
+        config = {"model": {"path": str(directory), "max_batch": 4}, "hop": 0.5,
+                  "sources": [{"name": "Scene", "type": "file", "path": str(audio), "realtime": True, "loop": True}],
+                  "detect": {"include": include, "defaults": {"on_threshold": 1.0, "off_threshold": 1.0}},
+                  "mqtt": {"host": "127.0.0.1", "port": broker.port},  # no instance: the host name
+                  "console": {"mode": "off"}, "logging": {"level": "info"}}
+        path = tmp_path / "streamer.yaml"
+        path.write_text(json.dumps(config))
+        return path
+
+    d = daemon_topics()
+    topic = d.device_config("Scene")
+    sub = Subscriber(broker.port, ["homeassistant/#", f"{d.base}/#"])
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "run", "--config", str(write(["LABEL_1", "LABEL_2"]))],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def cmps():
+            got = sub.on(topic)
+            return json.loads(got[-1].payload)["cmps"] if got and got[-1].payload else {}
+        assert wait_for(lambda: ha.target_key("LABEL_2") in cmps(), 60), proc.stderr.read() if proc.poll() is not None else ""
+        assert wait_for(lambda: sub.on(d.state("Scene", "LABEL_1")), 10)
+        write(["LABEL_2", "LABEL_3"])
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: ha.target_key("LABEL_3") in cmps(), 30)
+        assert cmps()[ha.target_key("LABEL_1")] == {"p": "binary_sensor"}  # removed from Home Assistant
+        assert cmps()["event"]["event_types"] == ["LABEL_2", "LABEL_3"]
+        assert wait_for(lambda: sub.on(d.state("Scene", "LABEL_1"))[-1].payload == "", 10)  # retained state cleared
+        witness = Subscriber(broker.port, ["homeassistant/#", f"{d.base}/#"])
+        assert wait_for(lambda: witness.on(topic) and witness.on(d.state("Scene", "LABEL_3")), 10)
+        announced = json.loads(witness.on(topic)[-1].payload)["cmps"]
+        assert {c["name"] for c in announced.values() if c.get("p") == "binary_sensor" and "name" in c} == {"LABEL_2", "LABEL_3"}
+        assert witness.on(d.state("Scene", "LABEL_1")) == []
+        witness.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert f"instance {d.instance_id!r} (from the host name" in err  # the log says which instance
+    finally:
+        proc.kill()
+        sub.close()
+
+
+def test_a_second_daemon_on_the_same_instance_says_so_and_deletes_nothing(broker, caplog):
+    """Two daemons of one host without mqtt.instance (same derived instance), other streams:
+    the second logs an error and leaves the first one's device alone."""
+    import logging
+
+    sub = Subscriber(broker.port, ["homeassistant/#"])
+    first = publisher(broker.port, instance=None, targets={"Kitchen": ["Dog"]})
+    d = ha.Topics("streamer", host_instance())
+    try:
+        assert wait_for(lambda: sub.on(d.device_config("Kitchen")), 10)
+        assert wait_for(lambda: first.queue_length() == 0, 10)
+        with caplog.at_level(logging.ERROR, logger="streamer.sinks.mqtt"):
+            # its own client id: _make_client derives one from the second, and two in one second collide
+            second = publisher(broker.port, instance=None, targets={"Garage": ["Car"]}, client_id="second-daemon")
+            assert wait_for(lambda: sub.on(d.device_config("Garage")) and second.queue_length() == 0, 10)
+            time.sleep(0.5)
+        assert "another running streamer on this host also uses instance" in caplog.text
+        assert all(m.payload for m in sub.on(d.device_config("Kitchen")))  # never removed
+        second.stop()
+    finally:
+        first.stop()
         sub.close()

@@ -31,6 +31,8 @@ def test_unit_declares_notify_watchdog_reload_and_hardening():
     assert service["ProtectSystem"] == "strict" and service["NoNewPrivileges"] == "yes"
     assert "audio" in service["SupplementaryGroups"]
     assert service["ConfigurationDirectory"] == "streamer" and service["StateDirectory"] == "streamer"
+    # relative paths of the config (clips, models) resolve in the state directory
+    assert service["WorkingDirectory"] in ("%S/streamer", "/var/lib/streamer")
     assert "char-alsa" in UNIT.read_text()  # /dev/snd stays reachable
 
 

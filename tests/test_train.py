@@ -19,7 +19,7 @@ import soundfile as sf
 import torch
 
 from conftest import REAL_AUDIO, REPO, run_cli, write_wav
-from mqtt_helpers import Broker, Subscriber, wait_for
+from mqtt_helpers import Broker, Subscriber, daemon_topics, wait_for
 from streamer.capture.files import read_audio
 from streamer.features.fbank import window_samples
 from streamer.scenes import background_false_events, build_scene, event_metrics, missed, sed_eval_metrics
@@ -108,7 +108,7 @@ def test_scene_end_to_end_through_the_live_path(trained, tmp_path):
     scene, truth = build_scene([clips[i] for i in order], background, gap_s=6.0, tail_s=6.0)
     wav = write_wav(tmp_path / "scene.wav", scene)
     broker = Broker(tmp_path)
-    sub = Subscriber(broker.port, ["streamer/scene/events"])
+    sub = Subscriber(broker.port, [daemon_topics().events("scene")])
     config = tmp_path / "streamer.yaml"
     detect = {"include": SCENE_TARGETS, "defaults": {"on_threshold": 0.5, "off_threshold": 0.35, "hold": 0.5, "smoothing": "none"}}
     config.write_text(json.dumps({
@@ -121,8 +121,8 @@ def test_scene_end_to_end_through_the_live_path(trained, tmp_path):
         result = subprocess.run([sys.executable, "-m", "streamer", "run", "--config", str(config)], cwd=REPO,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
-        assert wait_for(lambda: len(sub.on("streamer/scene/events")) >= 2, 10)
-        live = [json.loads(m.payload) for m in sub.on("streamer/scene/events")]
+        assert wait_for(lambda: len(sub.on(daemon_topics().events("scene"))) >= 2, 10)
+        live = [json.loads(m.payload) for m in sub.on(daemon_topics().events("scene"))]
     finally:
         sub.close()
         broker.stop()

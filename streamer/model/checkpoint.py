@@ -126,19 +126,28 @@ def _download(repo_id: str) -> Path:
         import huggingface_hub
     except ImportError:  # pragma: no cover - a declared dependency
         raise CheckpointError(f"{repo_id}: huggingface_hub is not installed; pip install huggingface_hub, or pass a local directory") from None
-    fix = (
-        f"fetch it where there is network (hf download {repo_id} --local-dir DIR) "
-        "and pass that directory as the model"
-    )
+    fix = (f"To fix it, fetch the model on a machine with network access (hf download {repo_id} --local-dir DIR), "
+           "copy DIR here and set model.path to it.")
     patterns = [*JSON_FILES, SAFETENSORS_FILE, SAFETENSORS_INDEX, "model-*.safetensors"]
     try:
         local = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
         if not _weight_files(local):
             local = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=[*JSON_FILES, PICKLE_FILE, PICKLE_INDEX, "pytorch_model-*.bin"]))
     except Exception as exc:  # hub errors come in many classes; all mean "not available"
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise CheckpointError(f"cannot get model {repo_id} from the Hugging Face hub or its cache ({type(exc).__name__}: {reason}); {fix}") from None
+        raise CheckpointError(f"Cannot get model {repo_id}: {_hub_reason(exc)} ({type(exc).__name__}). {fix}") from None
     return local
+
+
+def _hub_reason(exc: Exception) -> str:
+    """Why the hub gave nothing, as a clause of our own (hub messages are long and end mid-way when cut)."""
+    name = type(exc).__name__
+    if name in ("RepositoryNotFoundError", "RevisionNotFoundError"):
+        return "there is no such model on the Hugging Face hub, or it is private"
+    if name == "GatedRepoError":
+        return "the model is gated on the Hugging Face hub: accept its terms and log in (hf auth login)"
+    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or isinstance(exc, (OSError, ConnectionError)):
+        return "the Hugging Face hub cannot be reached (offline, or HF_HUB_OFFLINE is set) and the model is not in the local cache"
+    return "the Hugging Face hub did not provide it and it is not in the local cache"
 
 
 def _weight_files(directory: Path) -> list[Path]:

@@ -2,15 +2,21 @@
 
 The source's ring still holds the audio when an event closes (the OFF comes a window
 length and the hold after the sound), so a clip is a copy out of the ring, written by a
-background thread. Retention keeps the directory under a size and an age. Errors (disk
-full, no permission) are counted and logged at most once per interval, never per event,
-and never stop the event from being published.
+background thread. Errors (disk full, no permission) are counted and logged at most once
+per interval, never per event, and never stop the event from being published.
+
+Clip files are named ``streamer-<stream id>-<target id>-<UTC start>-<start sample>.flac``
+(:func:`clip_name`; ids from :func:`streamer.names.ident`, so distinct names never share a
+file). Retention keeps our clips under a size and an age, and touches only files with that
+name pattern (:func:`is_clip_name`): whatever else the directory holds — a user's own
+recordings — is never deleted. It logs what it deleted.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import re
 import shutil
 import threading
 import time
@@ -21,11 +27,27 @@ import soundfile as sf
 
 from streamer.capture.ring import RingBuffer
 from streamer.constants import SAMPLE_RATE_HZ
-from streamer.events import Event, slug
+from streamer.events import Event
+from streamer.names import ident
 
 log = logging.getLogger(__name__)
 
 ERROR_LOG_INTERVAL_S = 60.0
+CLIP_PREFIX = "streamer-"
+CLIP_SUFFIX = ".flac"
+CLIP_NAME = re.compile(r"streamer-[a-z0-9_-]+-[a-z0-9_-]+-\d{8}T\d{6}Z-\d+\.flac")
+
+
+def clip_name(stream: str, target: str, start_sample: int, wall_time: float) -> str:
+    """The file name of one event's clip: recognisable (retention deletes nothing else),
+    injective in (stream, target) and distinct across restarts (the UTC start time)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(wall_time))
+    return f"{CLIP_PREFIX}{ident(stream)}-{ident(target)}-{stamp}-{start_sample}{CLIP_SUFFIX}"
+
+
+def is_clip_name(name: str) -> bool:
+    """Whether a file name is one :func:`clip_name` makes."""
+    return CLIP_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -42,6 +64,7 @@ class ClipWriter:
         self.settings = settings
         self.written = 0
         self.errors = 0
+        self.deleted = 0  # clips removed by retention
         self._last_error_log = 0.0
         self._errors_since_log = 0
         self._queue: queue.Queue = queue.Queue()
@@ -49,7 +72,8 @@ class ClipWriter:
         self._thread.start()
 
     def path_for(self, event: Event) -> Path:
-        return self.settings.directory / f"{slug(event.stream)}-{slug(event.target)}-{event.start_sample}.flac"
+        wall = event.start_time if event.start_time is not None else time.time()
+        return self.settings.directory / clip_name(event.stream, event.target, event.start_sample, wall)
 
     def save(self, event: Event, ring: RingBuffer) -> Path | None:
         """Copy the event's audio out of the ring now; write it in the background. Its path, or None."""
@@ -98,15 +122,43 @@ class ClipWriter:
             log.error("clips: %s (%d such errors since the last report)", message, self._errors_since_log)
             self._last_error_log, self._errors_since_log = now, 0
 
-    def _retain(self) -> None:
-        files = sorted(self.settings.directory.glob("*.flac"), key=lambda p: p.stat().st_mtime)
+    def _retain(self) -> int:
+        """Delete our oldest clips while they are over ``max_bytes`` or older than
+        ``max_age_s``; only files named like our clips. The number deleted."""
+        clips: list[tuple[float, int, Path]] = []
+        for path in self.settings.directory.iterdir():
+            if not is_clip_name(path.name):
+                continue
+            try:
+                st = path.lstat()
+            except OSError:  # gone meanwhile
+                continue
+            if path.is_symlink() or not path.is_file():
+                continue
+            clips.append((st.st_mtime, st.st_size, path))
+        clips.sort()
         now = time.time()
-        total = sum(p.stat().st_size for p in files)
-        for p in files:
-            if total <= self.settings.max_bytes and now - p.stat().st_mtime <= self.settings.max_age_s:
+        total = sum(size for _, size, _ in clips)
+        deleted = freed = 0
+        for mtime, size, path in clips:
+            if total <= self.settings.max_bytes and now - mtime <= self.settings.max_age_s:
                 break
-            total -= p.stat().st_size
-            p.unlink(missing_ok=True)
+            total -= size
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self._error(f"retention cannot delete {path} ({exc.strerror})")
+                continue
+            deleted += 1
+            freed += size
+        if deleted:
+            self.deleted += deleted
+            log.info("clips: retention deleted %d clip(s) (%.1f MiB) from %s (limits: %g days, %.0f MiB)",
+                     deleted, freed / 2**20, self.settings.directory, self.settings.max_age_s / 86400,
+                     self.settings.max_bytes / 2**20)
+        return deleted
 
     def close(self, timeout: float = 5.0) -> None:
         self._queue.put(None)

@@ -1,14 +1,25 @@
 """Publishing events to MQTT (paho-mqtt 2.x), with Home Assistant discovery.
 
-Topics under ``prefix`` (default ``streamer``):
+Every topic is under ``{prefix}/{instance}/`` (``prefix`` default ``streamer``), so
+several boxes share one broker without touching each other's topics. ``instance`` is
+``mqtt.instance`` or, unset, this host's name (see :func:`streamer.names.host_instance`);
+stream and target names become ids with :func:`streamer.names.ident` (injective):
 
-- ``{prefix}/status``: retained ``online``; the last will publishes a retained ``offline``
-  (a clean stop publishes it too). With an ``instance`` name, ``{prefix}/{instance}/status``.
-- ``{prefix}/{stream}/{target}/state``: retained ``ON`` / ``OFF``.
-- ``{prefix}/{stream}/events``: one JSON object per ON and per OFF, QoS 1, not retained
+- ``{base}/status``: retained ``online``; the last will publishes a retained ``offline``
+  (a clean stop publishes it too).
+- ``{base}/{stream}/{target}/state``: retained ``ON`` / ``OFF``.
+- ``{base}/{stream}/events``: one JSON object per ON and per OFF, QoS 1, not retained
   (with a message expiry on MQTT 5).
-- ``{prefix}/{stream}/level``: the stream's level in dBFS, now and then (QoS 0, only while
+- ``{base}/{stream}/ha_event``: with Home Assistant on, one ``{"event_type": target, ...}``
+  per ON, for HA's event entity.
+- ``{base}/{stream}/level``: the stream's level in dBFS, now and then (QoS 0, only while
   connected: a level is not worth queueing).
+- ``{base}/{stream}/availability``: retained ``online`` while the source delivers audio.
+
+Home Assistant discovery (:mod:`streamer.sinks.homeassistant`): one device per stream,
+following the config — :meth:`MqttPublisher.set_targets` on a reload announces added
+targets, removes taken-out ones and clears their retained state. Everything is announced
+again once per Home Assistant birth message (a burst of births is debounced).
 
 Nothing here blocks the pipeline: messages go into a bounded queue of our own, and one
 sender thread hands them to paho one at a time, waiting for each QoS 1 PUBACK, so order is
@@ -24,6 +35,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +45,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from streamer import __version__
-from streamer.events import Event, slug
+from functools import cached_property
+
+from streamer.events import Event
+from streamer.names import host_instance, ident, machine_id
+from streamer.sinks import homeassistant as ha
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +57,7 @@ DROP_LOG_INTERVAL_S = 10.0
 PUBACK_POLL_S = 0.01
 QOS_EVENTS = 1
 QOS_LEVEL = 0
+BIRTH_DEBOUNCE_S = 2.0  # Home Assistant births within this long of the first: one announcement
 
 
 @dataclass(frozen=True)
@@ -72,13 +88,26 @@ class MqttSettings:
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
 
+    @cached_property
+    def instance_id(self) -> str:
+        """``mqtt.instance`` as an id, or this host's name: stable across restarts, one per host."""
+        return ident(self.instance) if self.instance else host_instance()
+
+    @property
+    def instance_label(self) -> str:
+        return self.instance or self.instance_id
+
+    @property
+    def topics(self) -> ha.Topics:
+        return ha.Topics(self.prefix, self.instance_id, self.discovery_prefix)
+
     @property
     def status_topic(self) -> str:
-        return f"{self.prefix}/{self.instance}/status" if self.instance else f"{self.prefix}/status"
+        return self.topics.status
 
     @property
     def node_id(self) -> str:
-        return slug(f"streamer_{self.instance}") if self.instance else "streamer"
+        return f"streamer-{self.instance_id}"
 
 
 @dataclass(frozen=True)
@@ -111,7 +140,18 @@ class MqttPublisher:
 
     def __init__(self, settings: MqttSettings, targets: dict[str, list[str]]) -> None:
         self.settings = settings
-        self.targets = targets  # stream → target names
+        self.topics = settings.topics
+        self.targets = {stream: list(names) for stream, names in targets.items()}  # stream → target names
+        self.announcements = 0  # full discovery announcements made (connects and HA births)
+        self._topology = threading.Lock()  # guards targets and states against the paho thread
+        self._birth_timer: threading.Timer | None = None
+        self._machine_id = machine_id()
+        self._owner = f"{self._machine_id} {uuid.uuid4().hex[:8]}"  # this host, this run
+        self._peer_online = False  # the retained status said "online" before we announced ourselves
+        self._conflict = False  # another live daemon uses this instance: remove nothing we do not know
+        self._legacy_cleared: set[str] = set()
+        how = "from mqtt.instance" if settings.instance else "from the host name; set mqtt.instance to choose another"
+        log.info("mqtt: instance %r (%s): topics under %s/", settings.instance_id, how, self.topics.base)
         self.stats = MqttStats()
         self.connected = False
         self.last_error: str | None = None
@@ -128,56 +168,79 @@ class MqttPublisher:
 
     # -- topics and payloads -------------------------------------------------------------
     def state_topic(self, stream: str, target: str) -> str:
-        return f"{self.settings.prefix}/{slug(stream)}/{slug(target)}/state"
+        return self.topics.state(stream, target)
 
     def events_topic(self, stream: str) -> str:
-        return f"{self.settings.prefix}/{slug(stream)}/events"
+        return self.topics.events(stream)
 
     def level_topic(self, stream: str) -> str:
-        return f"{self.settings.prefix}/{slug(stream)}/level"
+        return self.topics.level(stream)
 
     def _device(self, stream: str) -> dict[str, Any]:
-        node = self.settings.node_id
-        return {
-            "identifiers": [f"{node}_{slug(stream)}"],
-            "name": f"{self.settings.instance + ' ' if self.settings.instance else ''}{stream} sounds",
-            "manufacturer": "streamer",
-            "model": "AST audio event detector",
-            "sw_version": __version__,
-        }
+        return ha.device(self.topics, stream, self.settings.instance_label)
 
-    def _availability(self) -> dict[str, str]:
-        return {"availability_topic": self.settings.status_topic, "payload_available": "online", "payload_not_available": "offline"}
+    def _availability(self, stream: str) -> list[dict[str, str]]:
+        return ha.availability(self.topics, stream)
 
     def discovery(self) -> dict[str, dict[str, Any]]:
-        """Home Assistant discovery configs: topic → payload, for every stream × target and level."""
-        s, node = self.settings, self.settings.node_id
-        configs: dict[str, dict[str, Any]] = {}
-        for stream, names in self.targets.items():
-            for target in names:
-                object_id = f"{slug(stream)}_{slug(target)}"
-                configs[f"{s.discovery_prefix}/binary_sensor/{node}/{object_id}/config"] = {
-                    "name": target,
-                    "unique_id": f"{node}_{object_id}",
-                    "state_topic": self.state_topic(stream, target),
-                    "payload_on": "ON",
-                    "payload_off": "OFF",
-                    "device_class": "sound",
-                    "qos": QOS_EVENTS,
-                    **self._availability(),
-                    "device": self._device(stream),
-                }
-            configs[f"{s.discovery_prefix}/sensor/{node}/{slug(stream)}_level/config"] = {
-                "name": "Sound level",
-                "unique_id": f"{node}_{slug(stream)}_level",
-                "state_topic": self.level_topic(stream),
-                "device_class": "sound_pressure",
-                "unit_of_measurement": "dB",
-                "state_class": "measurement",
-                **self._availability(),
-                "device": self._device(stream),
-            }
-        return configs
+        """Home Assistant discovery: topic → payload, one device per configured stream."""
+        with self._topology:
+            targets = {stream: list(names) for stream, names in self.targets.items()}
+        return ha.discovery(self.topics, targets, self.settings.instance_label, QOS_EVENTS)
+
+    def set_targets(self, targets: dict[str, list[str]]) -> None:
+        """Follow a reloaded config: announce added targets and streams, remove taken-out
+        ones from Home Assistant and clear their retained state. Idempotent."""
+        fresh = {stream: list(names) for stream, names in targets.items()}
+        with self._topology:
+            old = self.targets
+            self.targets = fresh
+            for key in [k for k in self._states if k[1] not in fresh.get(k[0], ())]:
+                del self._states[key]
+            for stream, names in fresh.items():
+                for target in names:
+                    self._states.setdefault((stream, target), "OFF")
+        messages: list[Message] = []
+        hass = self.settings.homeassistant
+        for stream, names in old.items():
+            gone = [t for t in names if t not in fresh.get(stream, ())]
+            messages += [Message(self.state_topic(stream, t), "", retain=True) for t in gone]
+            if stream not in fresh:
+                messages.append(Message(self.topics.availability(stream), "", retain=True))
+                if hass:
+                    messages.append(Message(self.topics.device_config(stream), "", retain=True))
+        for stream, names in fresh.items():
+            before = old.get(stream)
+            added = [t for t in names if before is None or t not in before]
+            gone = [t for t in (before or ()) if t not in names]
+            if hass and (added or gone or before is None):
+                removed = {ha.target_key(t): "binary_sensor" for t in gone}
+                if not names and before:
+                    removed[ha.EVENT_KEY] = "event"
+                payload = ha.device_payload(self.topics, stream, names, self.settings.instance_label, QOS_EVENTS, removed)
+                messages.append(Message(self.topics.device_config(stream), json.dumps(payload), retain=True))
+            messages += [Message(self.state_topic(stream, t), "OFF", retain=True) for t in added]
+        for message in messages:
+            self._enqueue(message)
+        if messages:
+            log.info("mqtt: targets reloaded: %d stream(s), %d target(s); %d message(s) to announce the change",
+                     len(fresh), sum(len(v) for v in fresh.values()), len(messages))
+
+    def _announcement(self) -> list[Message]:
+        """Discovery configs and current states: what Home Assistant needs to know us."""
+        messages = [Message(t, json.dumps(p), retain=True) for t, p in self.discovery().items()] \
+            if self.settings.homeassistant else []
+        with self._topology:
+            states = list(self._states.items())
+        return messages + [Message(self.state_topic(s, t), v, retain=True) for (s, t), v in states]
+
+    def _announce_after_birth(self) -> None:
+        with self._cond:
+            self._birth_timer = None
+            self.announcements += 1
+        log.info("mqtt: Home Assistant came online; announcing %d device(s) again", len(self.targets))
+        for message in self._announcement():
+            self._enqueue(message)
 
     # -- client --------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
@@ -219,16 +282,19 @@ class MqttPublisher:
         self.stats.connects += 1
         self.last_error = None
         log.info("mqtt: connected to %s:%d", self.settings.host, self.settings.port)
+        # -- what is announced on (re)connect: status, owner, discovery, current states
+        client.subscribe(self.topics.status, qos=1)  # the retained status and owner, before ours replace them
+        client.subscribe(self.topics.owner, qos=1)
         if self.settings.homeassistant:
-            client.subscribe(f"{self.settings.discovery_prefix}/status", qos=1)
-            client.subscribe(f"{self.settings.discovery_prefix}/+/{self.settings.node_id}/+/config", qos=1)
+            client.subscribe(self.topics.birth, qos=1)
+            client.subscribe(self.topics.device_config_filter, qos=1)
+            for legacy in ha.legacy_filters(self.settings.discovery_prefix, self.settings.instance):
+                client.subscribe(legacy, qos=1)
+        greeting = [Message(self.settings.status_topic, "online", retain=True),
+                    Message(self.topics.owner, self._owner, retain=True)] + self._announcement()
         with self._cond:
             self.connected = True
-            # after every (re)connect: status, then discovery, then the current states
-            greeting = [Message(self.settings.status_topic, "online", retain=True)]
-            if self.settings.homeassistant:
-                greeting += [Message(t, json.dumps(p), retain=True) for t, p in self.discovery().items()]
-            greeting += [Message(self.state_topic(s, t), v, retain=True) for (s, t), v in self._states.items()]
+            self.announcements += 1
             self._queue.extendleft(reversed(greeting))
             self._cond.notify_all()
 
@@ -245,28 +311,59 @@ class MqttPublisher:
             log.warning("mqtt: disconnected (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
+        """Home Assistant births, retained discovery configs and the instance's owner."""
         topic, payload = message.topic, message.payload.decode("utf-8", "replace")
-        if topic == f"{self.settings.discovery_prefix}/status" and payload == "online":
-            log.info("mqtt: Home Assistant restarted; announcing again")
-            with self._cond:
-                self._queue.extend(Message(t, json.dumps(p), retain=True) for t, p in self.discovery().items())
-                self._cond.notify_all()
-        elif topic.endswith("/config") and payload and topic not in self.discovery():
-            log.info("mqtt: removing stale discovery config %s", topic)
+        if topic == self.topics.birth:
+            # a retained "online" is an old birth, already answered by the connect greeting
+            if payload == "online" and not message.retain:
+                with self._cond:
+                    if self._birth_timer is None:  # a burst of births: one announcement
+                        self._birth_timer = threading.Timer(BIRTH_DEBOUNCE_S, self._announce_after_birth)
+                        self._birth_timer.daemon = True
+                        self._birth_timer.start()
+        elif topic == self.topics.status:
+            if message.retain:
+                self._peer_online = payload == "online"
+        elif topic == self.topics.owner:
+            if message.retain and payload and payload != self._owner:
+                other_host = payload.split(" ")[0] != self._machine_id
+                if other_host or self._peer_online:
+                    self._conflict = True
+                    log.error("mqtt: %s also uses instance %r on this broker; set a distinct mqtt.instance for each "
+                              "(until then this one removes no discovery config it did not announce itself)",
+                              "another host" if other_host else "another running streamer on this host",
+                              self.settings.instance_id)
+        elif not payload:
+            return
+        elif self.topics.owns_device_config(topic):
+            if topic not in self.discovery() and not self._conflict:
+                log.info("mqtt: removing the discovery config of a stream no longer configured: %s", topic)
+                self._enqueue(Message(topic, "", retain=True))
+        elif topic in self._legacy_topics() and topic not in self._legacy_cleared:
+            self._legacy_cleared.add(topic)
+            log.info("mqtt: migrating to device discovery: removing the old per-entity config %s", topic)
             self._enqueue(Message(topic, "", retain=True))
+
+    def _legacy_topics(self) -> set[str]:
+        with self._topology:
+            targets = {stream: list(names) for stream, names in self.targets.items()}
+        return ha.legacy_topics(self.settings.discovery_prefix, self.settings.instance, targets)
 
     # -- publishing ----------------------------------------------------------------------
     def publish_event(self, event: Event) -> None:
         """Queue an event (ON or OFF) and the target's new retained state."""
-        self._states[(event.stream, event.target)] = event.state
+        with self._topology:
+            self._states[(event.stream, event.target)] = event.state
         expiry = self.settings.event_expiry_s if self.settings.protocol == "5" else None
         self._enqueue(Message(self.events_topic(event.stream), json.dumps(event.as_dict()), expiry_s=expiry, is_event=True))
         self._enqueue(Message(self.state_topic(event.stream, event.target), event.state, retain=True))
+        if self.settings.homeassistant and event.state == "ON":  # HA's event entity: one per ON
+            payload = ha.ha_event_payload(event.target, event.stream, event.id, event.peak, event.start_time)
+            self._enqueue(Message(self.topics.ha_event(event.stream), json.dumps(payload), expiry_s=expiry))
 
     def publish_source_state(self, stream: str, state: str) -> None:
-        """Retained ``{prefix}/{stream}/availability``: ``online`` while the source delivers audio."""
-        self._enqueue(Message(f"{self.settings.prefix}/{slug(stream)}/availability",
-                              "online" if state == "running" else "offline", retain=True))
+        """Retained ``{base}/{stream}/availability``: ``online`` while the source delivers audio."""
+        self._enqueue(Message(self.topics.availability(stream), "online" if state == "running" else "offline", retain=True))
 
     def publish_level(self, stream: str, dbfs: float) -> None:
         if self.connected:
