@@ -1,4 +1,4 @@
-"""The inference engine (every precision, batching, CUDA graphs) and the multi-stream worker."""
+"""The inference engine: every precision, batching, CUDA graphs (the worker: test_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from conftest import real_clips
 from streamer.capture.files import read_audio
 from streamer.errors import StreamerError
-from streamer.inference.engine import InferenceEngine, InferenceWorker, Result, graph_batch_sizes
+from streamer.inference.engine import InferenceEngine, graph_batch_sizes
 from streamer.model import load_model
 from streamer.model.config import FeatureConfig
-from streamer.features.windows import StreamWindows, Window
+from streamer.features.windows import StreamWindows
 
 
 
@@ -93,79 +93,6 @@ def test_bad_engine_settings_are_clear_errors(tiny_checkpoint):
             engine_for(directory, device="cuda")
 
 
-def _window(stream: str, start: int, features: torch.Tensor) -> Window:
-    return Window(stream, start, features, features.shape[0])
-
-
-class SlowEngine:
-    """Wraps a real engine and sleeps first: an inference slower than real time."""
-
-    def __init__(self, engine: InferenceEngine, delay_s: float) -> None:
-        self.engine, self.delay_s, self.max_batch = engine, delay_s, engine.max_batch
-
-    def submit(self, features):
-        time.sleep(self.delay_s)
-        return self.engine.submit(features)
-
-    def collect(self, pending):
-        return self.engine.collect(pending)
-
-
-def test_worker_batches_all_streams_and_delivers_every_result(tiny_checkpoint):
-    directory, _ = tiny_checkpoint(max_length=128)
-    engine = engine_for(directory, max_batch=8)
-    feats = real_windows(4, max_length=128)
-    results: list[Result] = []
-    done = threading.Event()
-
-    def on_result(result: Result) -> None:
-        results.append(result)
-        if len(results) == 4:
-            done.set()
-
-    worker = InferenceWorker(engine, on_result, max_wait_ms=2000)
-    for name in "abcd":
-        worker.register_stream(name)
-    worker.start()
-    t0 = time.monotonic()
-    for name, f in zip("abcd", feats):
-        worker.submit(_window(name, 0, f))
-    assert done.wait(10)
-    # all four streams had a window, so the batch ran at once instead of waiting 2 s
-    assert time.monotonic() - t0 < 1.5
-    worker.stop()
-    assert sorted(r.window.stream for r in results) == list("abcd")
-    assert engine.stats.batches == 1
-    expected = engine.predict(feats)
-    for r in results:
-        assert np.abs(r.probabilities - expected["abcd".index(r.window.stream)]).max() <= 1e-6
-    assert worker.stats.processed == 4 and worker.stats.skipped == 0
-
-
-def test_slow_worker_skips_stale_windows_and_keeps_latency_bounded(tiny_checkpoint):
-    directory, _ = tiny_checkpoint(max_length=128)
-    slow = SlowEngine(engine_for(directory, max_batch=2), delay_s=0.2)
-    feats = real_windows(1, max_length=128)[0]
-    results: list[Result] = []
-    worker = InferenceWorker(slow, results.append, max_wait_ms=0)
-    worker.register_stream("a")
-    worker.start()
-    submitted = 60
-    for i in range(submitted):  # 100 windows/s against 5 batches/s
-        worker.submit(_window("a", i * 160, feats))
-        time.sleep(0.01)
-    worker.stop(drain=True)
-    s = worker.stats
-    assert s.submitted == submitted
-    assert s.skipped > 30
-    assert s.processed + s.skipped == submitted  # every window scored or counted as skipped
-    assert len(results) == s.processed
-    # each scored window waited at most one inference plus its own: bounded, not growing
-    assert max(r.latency_s for r in results) < 3 * slow.delay_s
-    starts = [r.window.start_sample for r in results]
-    assert starts == sorted(starts) and starts[-1] == (submitted - 1) * 160  # the newest one wins
-
-
 def test_engine_refuses_windows_of_the_wrong_shape(tiny_checkpoint):
     directory, _ = tiny_checkpoint(max_length=128)
     engine = engine_for(directory, max_batch=2)
@@ -173,21 +100,6 @@ def test_engine_refuses_windows_of_the_wrong_shape(tiny_checkpoint):
         engine.predict([torch.zeros(5, 128)])
     good = real_windows(1, max_length=128)
     assert engine.predict(good).shape == (1, 5)  # the staging buffer was not disturbed
-
-
-def test_worker_survives_an_inference_error(tiny_checkpoint):
-    directory, _ = tiny_checkpoint(max_length=128)
-    engine = engine_for(directory, max_batch=1)
-    results: list[Result] = []
-    worker = InferenceWorker(engine, results.append, max_wait_ms=0).start()
-    worker.register_stream("a")
-    worker.submit(_window("a", 0, torch.zeros(5, 128)))  # wrong shape: the model raises
-    deadline = time.monotonic() + 5
-    while worker.stats.failed == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    worker.submit(_window("a", 160, real_windows(1, max_length=128)[0]))
-    worker.stop(drain=True)
-    assert worker.stats.failed == 1 and len(results) == 1
 
 
 @gpu
