@@ -90,6 +90,8 @@ class Daemon:
         if self.metrics:
             self.metrics.windows.labels(self.pipeline.streams[ref.stream].name).inc()
             self.metrics.latency.observe(latency_s)
+            if ref.wall_time is not None:
+                self.metrics.audio_latency.observe(max(0.0, time.time() - ref.wall_time))
 
     def _build(self) -> None:
         cfg = self.config

@@ -92,8 +92,12 @@ class Pipeline:
         lossless = frozenset(s.index for s in self.streams if s.lossless)
         # lossless streams read up to max_batch windows ahead: their frames must still be in the ring
         slack = engine.max_batch * hop_frames if lossless else None
+        live = [s for s in self.streams if not s.lossless]
+        phases = [0] * len(self.streams)
+        for k, s in enumerate(live):  # spread the live streams' windows over the hop
+            phases[s.index] = k * hop_frames // len(live)
         self.frames = FrameBank(features, len(self.streams), hop_frames, engine.device,
-                                slack_frames=None if slack is None else slack + 200)
+                                slack_frames=None if slack is None else slack + 200, phases=phases)
         self.window_span = window_samples(features.max_length)
         self.raised = 0  # events handed to the sinks: counted, not kept, so memory stays flat
         self._dirty: set[int] = set(range(len(self.streams)))

@@ -216,12 +216,15 @@ def test_pipeline_over_real_time_sources_scores_every_window_and_wakes_on_data(t
     assert wait_for(pipeline.finished, 20)
     pipeline.stop(timeout=5)
     hub.close()
-    # 3 s of audio, 128-frame windows every 0.5 s: the same windows as the reference, for every stream
+    # 3 s of audio, 128-frame windows every 0.5 s: the reference's windows, each stream's grid
+    # shifted by its phase (i * hop / 3 frames) so that the three are not due at the same instant
     for i, path in enumerate(paths):
+        shift = (i * 50 // 3) * 160
+        assert pipeline.frames.phases[i] * 160 == shift
         reference = StreamWindows(f"s{i}", FeatureConfig(max_length=128), 50)
-        expected = reference.push(read_audio(path)) + reference.finish()
+        expected = reference.push(read_audio(path)[shift:]) + reference.finish()
         got = [s for s in collect.items if s.stream == f"s{i}"]
-        assert [s.start_sample for s in got] == [w.start_sample for w in expected]
+        assert [s.start_sample for s in got] == [w.start_sample + shift for w in expected]
         assert all(s.wall_time is not None for s in got)
         probs = engine.predict([w.features for w in expected])
         assert np.abs(np.stack([s.probabilities for s in got]) - probs).max() <= 1e-5
@@ -271,8 +274,8 @@ def test_a_sink_that_blocks_costs_only_its_own_queue():
     assert wait_for(lambda: len(fine.items) == 100, 5)
     stats = hub.stats()
     in_hand = 1 if stats["stuck"]["busy_s"] > 0 else 0
-    # four queued, at most one in its hands, every other item shed and counted: none lost silently
-    assert stats["stuck"]["queued"] == 4 and stats["stuck"]["shed"] + 4 + in_hand == 100 and stats["stuck"]["shed"] >= 95
+    # at most four queued and one in its hands, every other item shed and counted: none lost silently
+    assert stats["stuck"]["shed"] + stats["stuck"]["queued"] + in_hand == 100 and stats["stuck"]["shed"] >= 95
     t0 = time.monotonic()
     hub.close(timeout=1.0)  # a sink stuck for good does not hold the shutdown beyond its budget
     assert time.monotonic() - t0 < 2.0

@@ -16,6 +16,10 @@ read of audio) after it became due, because a newer window of the same stream re
 after that. Row ``capacity`` of each ring is a padding frame, so a short stream's single
 window (right-padded as ``ASTFeatureExtractor`` pads a short clip) is gathered the same way.
 
+Live streams' window grids are staggered (``phases``: stream ``i`` of ``n`` is shifted by
+``i * hop / n`` frames), so that streams which started together do not all have a window
+due at the same instant; offline (lossless) streams keep the reference grid exactly.
+
 Timeline: frame ``j`` of a run begins at stream sample ``run_first_sample + 160 j``; a gap
 (audio lost to an overrun, a source restart) ends the run — a run that never completed a
 window still yields its padded window — and starts a new one at the new position, exactly
@@ -66,7 +70,7 @@ class FrameBank:
     """Per-stream frame rings on the model's device, fed by one batched frontend."""
 
     def __init__(self, features: FeatureConfig, streams: int, hop_frames: int, device: torch.device | str = "cpu",
-                 slack_frames: int | None = None) -> None:
+                 slack_frames: int | None = None, phases: list[int] | None = None) -> None:
         if hop_frames < 1:
             raise ValueError(f"hop must be at least one frame, got {hop_frames}")
         self.features = features
@@ -82,13 +86,16 @@ class FrameBank:
         self._offsets = torch.arange(FRAME_LENGTH, device=self.device)
         self._positions = torch.arange(self.max_length, device=self.device)
         self.runs = [_Run() for _ in range(streams)]
+        # frames each stream's window grid is shifted by (< hop): live streams that started
+        # together would otherwise all have a window due at the same instant every hop
+        self.phases = list(phases) if phases is not None else [0] * streams
         self.gaps = [0] * streams
 
     # -- how much audio a stream's next window needs ------------------------------------------
     def next_window_end(self, stream: int, windows: int = 1) -> int:
         """Stream position just past the last sample that the stream's next ``windows`` windows need."""
         run = self.runs[stream]
-        frames = self.max_length + (run.windows + windows - 1) * self.hop_frames
+        frames = self.max_length + self.phases[stream] + (run.windows + windows - 1) * self.hop_frames
         return run.first_sample + window_samples(frames)
 
     def samples_wanted(self, stream: int, windows: int = 1) -> int:
@@ -142,12 +149,12 @@ class FrameBank:
             run = self.runs[stream]
             run.frames += count
             run.frame_count += count
-            while run.frames >= self.max_length + run.windows * self.hop_frames:
+            while run.frames >= self.max_length + self.phases[stream] + run.windows * self.hop_frames:
                 refs.append(self._window_ref(stream, run, clocks))
         return refs, new_frames
 
     def _window_ref(self, stream: int, run: _Run, clocks: list | None) -> WindowRef:
-        end = self.max_length + run.windows * self.hop_frames  # frames in the run at the window's end
+        end = self.max_length + self.phases[stream] + run.windows * self.hop_frames  # frames in the run at its end
         run.windows += 1
         start = run.first_sample + (end - self.max_length) * FRAME_SHIFT
         first_frame = run.frame_count - run.frames + end - self.max_length
@@ -162,7 +169,7 @@ class FrameBank:
             return []
         run.windows += 1
         first_frame = run.frame_count - run.frames
-        return [WindowRef(stream, run.first_sample, first_frame, run.frames, None)]
+        return [WindowRef(stream, run.first_sample, first_frame, min(run.frames, self.max_length), None)]
 
     def reset(self, stream: int, position: int = 0) -> None:
         self.runs[stream] = _Run(position, self.runs[stream].frame_count)

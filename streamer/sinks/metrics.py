@@ -19,6 +19,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# window complete (its last sample captured) → its scores delivered: what a user waits for
+AUDIO_LATENCY_BUCKETS_S = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -30,6 +32,8 @@ class Metrics:
         self.windows = Counter("streamer_windows_total", "Windows scored", ["stream"], registry=r)
         self.skipped = Gauge("streamer_windows_skipped", "Windows replaced by a newer one before inference (all streams)", registry=r)
         self.latency = Histogram("streamer_inference_latency_seconds", "Window submitted → probabilities", buckets=LATENCY_BUCKETS_S, registry=r)
+        self.audio_latency = Histogram("streamer_window_latency_seconds", "Window's last sample captured → its scores delivered",
+                                       buckets=AUDIO_LATENCY_BUCKETS_S, registry=r)
         self.batch = Histogram("streamer_batch_size", "Windows per forward pass", buckets=BATCH_BUCKETS, registry=r)
         self.pending = Gauge("streamer_worker_pending_windows", "Windows waiting for the inference worker", registry=r)
         self.lost = Gauge("streamer_lost_samples", "Samples lost to ring overruns", ["stream"], registry=r)
