@@ -20,7 +20,8 @@ from pathlib import Path
 
 from dataclasses import replace
 
-from streamer.capture.sources import FfmpegSource, FileSource, MicSource, Source
+from streamer.capture.ingest import Ingest
+from streamer.capture.sources import FileSource, MicSource, make_source
 from streamer.sinks.clips import ClipWriter
 from streamer.settings import Config, ConfigError, load_config
 from streamer.detect import hop_to_frames
@@ -51,14 +52,6 @@ def notify(message: str) -> None:
             sock.sendto(message.encode(), address)
     except OSError as exc:
         log.debug("sd_notify failed: %s", exc)
-
-
-def make_source(sc, ring_seconds: float) -> Source:
-    if sc.type == "mic":
-        return MicSource(sc.name, device=sc.device, channels=sc.channels, channel=sc.channel, gain=sc.gain, ring_seconds=ring_seconds)
-    if sc.type == "ffmpeg":
-        return FfmpegSource(sc.name, sc.url, realtime=sc.realtime, gain=sc.gain, ring_seconds=ring_seconds)
-    return FileSource(sc.name, sc.path, realtime=sc.realtime, loop=sc.loop, gain=sc.gain, ring_seconds=ring_seconds)
 
 
 class Daemon:
@@ -134,9 +127,11 @@ class Daemon:
         self.printer = self.view or LinePrinter(as_json=mode == "json", stream=open(os.devnull, "w") if mode == "off" else None)
 
         self.worker.start()
+        self.ingest = Ingest()  # one thread drives every source
         for source, reader in zip(self.sources, self.readers):
-            source.start()
+            self.ingest.add(source)
             reader.start()
+        self.ingest.start()
         if self.mqtt:
             self.mqtt.start()
         if self.view:
@@ -243,8 +238,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         notify("STOPPING=1")
-        for source in self.sources:
-            source.stop()
+        self.ingest.stop()
         for reader in self.readers:
             reader.stop()
         self.worker.stop(drain=True, timeout=STOP_TIMEOUT_S)
