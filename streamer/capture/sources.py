@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RING_SECONDS = 30.0
 FILE_BLOCK_SECONDS = 0.1  # real-time file pacing granularity
+FILE_DECODE_SECONDS = 1.0  # a real-time file is decoded this much at a time (a read costs ~40 µs whatever its size)
 MIC_BLOCK_SECONDS = 0.02  # PortAudio callback size
 MIC_CHECK_S = 0.5  # how often a mic's stream is checked for a device that went away
 RAW_RING_MAX_SECONDS = 10.0
@@ -256,18 +257,22 @@ class Source:
             except Exception:
                 log.exception("source %s: on_data hook failed", self.name)
 
-    def _prepare(self, samples: np.ndarray) -> np.ndarray:
-        """Samples made safe (NaN/inf/absurd values fixed and counted), gain applied, counted."""
-        samples, bad = sanitise(samples)
-        self.stats.nonfinite += bad
+    def _prepare(self, samples: np.ndarray, sanitised: bool = False) -> np.ndarray:
+        """Samples made safe (NaN/inf/absurd values fixed and counted), gain applied, counted.
+
+        ``sanitised``: decoding already fixed and counted them (files: before resampling).
+        """
+        if not sanitised:
+            samples, bad = sanitise(samples)
+            self.stats.nonfinite += bad
         if self.gain != 1.0:
             samples = samples * np.float32(self.gain)
         self.stats.samples += len(samples)
         return samples
 
-    def _emit(self, samples: np.ndarray, wall_end: float | None) -> None:
+    def _emit(self, samples: np.ndarray, wall_end: float | None, sanitised: bool = False) -> None:
         """Write into the ring (overwriting unread audio if the reader is behind: counted)."""
-        samples = self._prepare(samples)
+        samples = self._prepare(samples, sanitised)
         if len(samples):
             self.ring.write(samples, wall_end)
             self._notify()
@@ -298,10 +303,11 @@ class FileSource(Source):
         self._offset = 0  # of _pending, already written
         self._t0 = 0.0
         self._sent = 0
+        self._decoded = np.zeros(0, np.float32)  # real time: decoded, not yet due
         self._woken = False  # a wake-up from the reader is queued on the loop
 
     def _open(self) -> None:
-        block = FILE_BLOCK_SECONDS if self.realtime else BLOCK_SECONDS
+        block = FILE_DECODE_SECONDS if self.realtime else BLOCK_SECONDS
         self._blocks = iter_audio(self.path, block_seconds=block, on_damaged=self._count_damaged)
 
     def _next_block(self) -> np.ndarray | None:
@@ -335,9 +341,14 @@ class FileSource(Source):
     # -- real time: one block per due time ----------------------------------------------------
     def _tick(self) -> None:
         if self._pending is not None:
-            self._emit(self._pending, time.time())
+            self._emit(self._pending, time.time(), sanitised=True)
             self._pending = None
-        chunk = self._next_block()
+        piece = int(FILE_BLOCK_SECONDS * SAMPLE_RATE_HZ)
+        if len(self._decoded) < piece and self._blocks is not None:
+            more = self._next_block()
+            if more is not None:
+                self._decoded = np.concatenate([self._decoded, more]) if len(self._decoded) else more
+        chunk, self._decoded = (self._decoded[:piece], self._decoded[piece:]) if len(self._decoded) else (None, self._decoded)
         if chunk is None:
             self._close()
             self._set(SourceState.ENDED)
@@ -358,7 +369,7 @@ class FileSource(Source):
                 if chunk is None:
                     self._close()
                     return self._end_when_read()
-                self._pending, self._offset = self._prepare(chunk), 0
+                self._pending, self._offset = self._prepare(chunk, sanitised=True), 0
                 if not len(self._pending):
                     self._pending = None
                     continue
