@@ -228,7 +228,8 @@ URL_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_
 @settings(max_examples=300, deadline=None)
 @given(user=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=":@/?#"), max_size=12)
        .map(lambda u: quote(u, safe="")),
-       password=URL_TEXT, raw=st.booleans(), prefix=st.text(max_size=20), scheme=st.sampled_from(["rtsp", "rtsps", "http", "srt"]))
+       password=URL_TEXT, raw=st.booleans(),
+       prefix=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=":@="), max_size=20), scheme=st.sampled_from(["rtsp", "rtsps", "http", "srt"]))
 def test_mask_url_hides_any_password(user, password, raw, prefix, scheme):
     # a raw password (as people type them) may hold '@' or ':'; it cannot hold what ends the authority
     secret = password if raw and not set(password) & set("/?# \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0") else quote(password, safe="")
