@@ -198,16 +198,19 @@ def cmd_record(args: argparse.Namespace) -> int:
     import numpy as np
     import soundfile as sf
 
-    from streamer.capture.sources import MicSource
+    from dataclasses import replace
+
+    from streamer.capture.sources import MicSource, make_source, source_from_spec
     from streamer.constants import SAMPLE_RATE_HZ
-    from streamer.streams import source_from_spec
 
     if args.seconds <= 0:
         raise StreamerError(f"--seconds must be positive, got {args.seconds}")
     if args.out.suffix.lower() not in (".wav", ".flac"):
         raise StreamerError(f"{args.out}: give a .wav or .flac output file")
-    mic = {"channels": args.channels, "channel": args.channel} if args.source.split(":")[0] == "mic" else {}
-    source = source_from_spec(args.source, ring_seconds=max(10.0, args.seconds + 5), **mic)
+    spec = source_from_spec(args.source)
+    if spec.type == "mic":
+        spec = replace(spec, channels=args.channels, channel=args.channel)
+    source = make_source(spec, ring_seconds=max(10.0, args.seconds + 5))
     if isinstance(source, MicSource):
         source.open_check()
     wanted = int(args.seconds * SAMPLE_RATE_HZ)

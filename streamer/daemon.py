@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dataclasses import replace
 
-from streamer.capture.sources import FfmpegSource, FileSource, MicSource, Source
+from streamer.capture.sources import MicSource, make_source
 from streamer.detect import hop_to_frames
 from streamer.events import Event
 from streamer.inference.engine import InferenceEngine
@@ -51,14 +51,6 @@ def notify(message: str) -> None:
             sock.sendto(message.encode(), address)
     except OSError as exc:
         log.debug("sd_notify failed: %s", exc)
-
-
-def make_source(sc, ring_seconds: float) -> Source:
-    if sc.type == "mic":
-        return MicSource(sc.name, device=sc.device, channels=sc.channels, channel=sc.channel, gain=sc.gain, ring_seconds=ring_seconds)
-    if sc.type == "ffmpeg":
-        return FfmpegSource(sc.name, sc.url, realtime=sc.realtime, gain=sc.gain, ring_seconds=ring_seconds)
-    return FileSource(sc.name, sc.path, realtime=sc.realtime, loop=sc.loop, gain=sc.gain, ring_seconds=ring_seconds)
 
 
 class Daemon:

@@ -93,8 +93,7 @@ def score_files(
     try:
         pipeline.wait()
     finally:
-        for source in sources:
-            source.stop()
+        pipeline.ingest.stop()
     for source in sources:
         if source.state.value == "failed":
             raise StreamerError(source.error or f"{source.describe()}: cannot be read")

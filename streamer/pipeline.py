@@ -4,7 +4,7 @@
 :class:`Pipeline`; offline is the same pipeline over lossless file sources, so a file
 gives the windows, scores and events the same audio gives live.
 
-Threads, whatever the number of streams: the sources' producers (capture), the worker's
+Threads, whatever the number of streams: one ingest loop (capture), the worker's
 scoring and results threads, one per sink (:class:`~streamer.sinks.base.SinkHub`), and
 the caller's. Work is woken by data: each source's ``on_data`` hook marks its stream and
 wakes the worker; the feed looks only at marked streams and reads a stream's ring only
@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from streamer.capture.ingest import Ingest
 from streamer.capture.sources import FileSource, Source
 from streamer.constants import SAMPLE_RATE_HZ
 from streamer.events import Event, EventSmoother, Target
@@ -110,12 +111,14 @@ class Pipeline:
                              active_streams=self._active_streams, lossless=lossless, added_delay_s=added_delay_s)
         for slot in self.streams:
             slot.source.on_data = self._marker(slot.index)
+        self.ingest = Ingest()  # one thread drives every file and ffmpeg source (mics: PortAudio's callbacks)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "Pipeline":
         self.worker.start()
         for slot in self.streams:
-            slot.source.start()
+            self.ingest.add(slot.source)
+        self.ingest.start()
         return self
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -124,8 +127,7 @@ class Pipeline:
 
     def stop(self, timeout: float) -> None:
         """Stop capture, score the windows already due, close open events (OFFs reach the sinks)."""
-        for slot in self.streams:
-            slot.source.stop()
+        self.ingest.stop()
         self.worker.stop(drain=True, timeout=timeout)
         self.close_events()
 

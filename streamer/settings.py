@@ -209,13 +209,9 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
     sources: list[SourceConfig] = []
     raw_sources = raw.get("sources")
     if overrides.get("source"):
-        from streamer.streams import source_from_spec
+        from streamer.capture.sources import source_from_spec
 
-        spec = overrides["source"]
-        probe = source_from_spec(spec)
-        kind = probe.kind
-        sources.append(SourceConfig(name=probe.name, type=kind, device=getattr(probe, "device_spec", None),
-                                    path=str(getattr(probe, "path", "")) or None, url=getattr(probe, "url", None)))
+        sources.append(source_from_spec(overrides["source"]))
     elif raw_sources is None or raw_sources == []:
         check.error(("sources",), "no sources: add at least one (type mic, file or ffmpeg)")
     elif not isinstance(raw_sources, list):

@@ -23,7 +23,7 @@ from streamer.capture.ring import RingBuffer
 from streamer.capture.sources import Backoff, FfmpegSource, FileSource, SourceState
 from streamer.model.config import FeatureConfig
 from streamer.features.windows import StreamWindows
-from streamer.streams import StreamReader
+from stream_reader import StreamReader
 
 
 

@@ -2,8 +2,9 @@
 
 Every sample has a position on its stream's timeline (a monotonic counter from the first
 sample), so windows, scores and events can be placed exactly. The writer never blocks
-(unless asked to, for sources that can wait, such as files read as fast as the pipeline
-goes) and never allocates: it copies into the preallocated array and then publishes the
+(a producer that must lose nothing, such as a file read as fast as the pipeline goes,
+writes only what ``room()`` allows and sets ``on_space`` to be woken by the reader; a
+blocking ``write`` remains for simple callers) and never allocates: it copies into the preallocated array and then publishes the
 new write position. When the reader falls behind by more than the capacity, the oldest
 audio is overwritten and the loss is counted by the reader, never silent.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -38,6 +40,10 @@ class RingBuffer:
         self._anchor: tuple[int, float] | None = None
         self._space = threading.Event()
         self._writing_to = 0  # end position of the write in progress (== written when idle)
+        # called (on the reader's thread, after ``read_pos`` moved) by every read while set:
+        # a producer that waits for room (a lossless source in the ingest loop) sets it to
+        # be woken instead of polling, and clears it itself; it must be cheap
+        self.on_space: Callable[[], None] | None = None
 
     def write(self, frames: np.ndarray, wall_end: float | None = None, block: bool = False, timeout: float | None = None) -> int:
         """Append ``frames`` (``(n,)`` or ``(n, channels)``); return how many were written.
@@ -81,6 +87,10 @@ class RingBuffer:
             self._anchor = (self.written, wall_end)
         return n
 
+    def room(self) -> int:
+        """Frames that can be written now without overwriting unread audio."""
+        return max(0, self.capacity - (self.written - self.read_pos))
+
     def available(self) -> int:
         return min(self.written - self.read_pos, self.capacity)
 
@@ -108,6 +118,9 @@ class RingBuffer:
             start_pos += torn
         self.read_pos = start_pos + out.shape[0]
         self._space.set()
+        hook = self.on_space
+        if hook is not None and count:
+            hook()
         return start_pos, (out[:, 0] if self.channels == 1 else out)
 
     def _copy_out(self, position: int, count: int) -> np.ndarray:

@@ -33,6 +33,7 @@ FFT_SIZE = 512  # the frame rounded up to a power of two, as Kaldi does
 # Kaldi's constants for these settings, computed once instead of on every call
 _WINDOW = torch.hann_window(FRAME_LENGTH, periodic=False)
 _MEL_BANKS: dict[int, torch.Tensor] = {}
+_LOG_FLOOR = float(kaldi.EPSILON)  # Kaldi's floor before the log, as a number: the same on any device
 
 
 def _mel_matrix(num_mel_bins: int) -> torch.Tensor:
@@ -73,7 +74,7 @@ def log_mel_frames(frames: torch.Tensor, window: torch.Tensor, mel: torch.Tensor
     frames = (frames - PREEMPHASIS * previous).mul_(window)
     spectrum = torch.fft.rfft(frames, n=FFT_SIZE)
     power = spectrum.real.square() + spectrum.imag.square()  # |z|² without fbank's sqrt-then-square
-    return torch.mm(power, mel).clamp_min_(kaldi.EPSILON).log_()
+    return torch.mm(power, mel).clamp_min_(_LOG_FLOOR).log_()
 
 
 def filterbank_constants(num_mel_bins: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

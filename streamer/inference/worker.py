@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MIN_TICK_S = 0.02  # new audio is looked at no more often than this: a burst of blocks is one feed
 IDLE_TICK_S = 0.25  # with nothing new, the feed still runs this often (ends of streams, lossless pacing)
+FEED_ERROR_BACKOFF_S = 1.0  # after a failed feed: no busy loop of errors
 
 
 @dataclass
@@ -48,6 +49,7 @@ class WorkerStats:
     processed: int = 0
     failed: int = 0  # windows lost to an inference error (each batch logged)
     batches: int = 0
+    feed_errors: int = 0
 
 
 class Worker:
@@ -193,7 +195,13 @@ class Worker:
                 self._kicked = False
                 if refeed or stopping or now - last_feed >= MIN_TICK_S:
                     last_feed, refeed = now, False
-                    self._take(self.feed(stopping), now)
+                    try:
+                        self._take(self.feed(stopping), now)
+                    except Exception as exc:  # a bug in the feed: logged and counted, never a silent stop
+                        self.stats.feed_errors += 1
+                        if self.stats.feed_errors == 1 or self.stats.feed_errors % 100 == 0:
+                            log.exception("reading the streams failed (%d time(s)): %s", self.stats.feed_errors, exc)
+                        self._stop.wait(FEED_ERROR_BACKOFF_S)
                 final = stopping or self.feeding_done  # no more audio: every waiting window goes now
                 submitted = False
                 while self._ready(time.monotonic(), final):

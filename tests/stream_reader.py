@@ -1,4 +1,4 @@
-"""From a source's ring to windows: one reader thread per stream.
+"""A reference reader for tests: one thread per stream, polling (the daemon uses the pipeline).
 
 Each :class:`StreamReader` takes what its source has written, places it on the stream's
 timeline (a gap from an overrun or a restart is noticed and counted), runs the
@@ -11,11 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
-from streamer.capture.sources import LIVE_URL_SCHEMES, FfmpegSource, FileSource, MicSource, Source
+from streamer.capture.sources import Source
 from streamer.constants import SAMPLE_RATE_HZ
-from streamer.errors import StreamerError
 from streamer.features.fbank import LEVEL_FLOOR_DBFS, dbfs
 from streamer.model.config import FeatureConfig
 from streamer.features.windows import StreamWindows, Window
@@ -89,21 +87,3 @@ class StreamReader:
             log.exception("stream %s: processing failed", self.name)
         finally:
             self.done.set()
-
-
-def source_from_spec(spec: str, name: str | None = None, realtime: bool = True, **kwargs) -> Source:
-    """A source from a short command-line form.
-
-    ``mic`` or ``mic:DEVICE`` (index or part of its name), ``file:PATH`` or an existing
-    path, ``ffmpeg:URL`` or a URL (rtsp://, http://, …).
-    """
-    kind, _, rest = spec.partition(":")
-    if spec == "mic" or kind == "mic":
-        return MicSource(name or "mic", device=rest or None, **kwargs)
-    if kind == "ffmpeg" or spec.startswith(LIVE_URL_SCHEMES):
-        url = rest if kind == "ffmpeg" else spec
-        return FfmpegSource(name or "stream", url, realtime=realtime, **kwargs)
-    path = Path(rest if kind == "file" else spec)
-    if kind == "file" or path.exists():
-        return FileSource(name or path.stem, path, realtime=realtime, **kwargs)
-    raise StreamerError(f"source {spec!r}: not a file, URL or mic (use mic[:DEVICE], file:PATH or a URL)")
