@@ -138,9 +138,10 @@ def test_queue_full_drops_oldest_and_counts(tmp_path):
     pub = MqttPublisher(MqttSettings(host="127.0.0.1", port=1, queue_size=4, reconnect_min_s=1, reconnect_max_s=1), {STREAM: [TARGET]}).start()
     try:
         for n in range(5):
-            pub.publish_event(event(n))  # two messages each: ten into a queue of four
-        assert pub.stats.dropped == 6 and pub.queue_length() == 4
-        assert json.loads(pub._queue[0].payload)["start_sample"] == 3 * 16000  # the newest kept
+            pub.publish_event(event(n))  # an event (to the in-memory journal) and a state message each
+        assert pub.stats.dropped == 1 and pub.control_queue_length() == 4  # five states into a queue of four
+        assert pub.stats.events_dropped == 1 and pub.journal.counts().shed == 1  # five events into a journal of four
+        assert [json.loads(r.payload)["start_sample"] for r in pub.journal.pending()] == [n * 16000 for n in range(1, 5)]
         assert wait_for(lambda: pub.last_error is not None, 10) and "cannot reach broker" in pub.last_error
     finally:
         pub.stop(timeout=0.5)
