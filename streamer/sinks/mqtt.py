@@ -134,6 +134,14 @@ class MqttStats:
     events_unsent: int = 0  # journal rows still pending at stop (delivered by the next start)
 
 
+class _RetryNoise(logging.Filter):
+    """paho logs "Client is not connected" at ERROR on every retry; our own line, once per
+    change of the connection's state, says it instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Client is not connected")
+
+
 @dataclass
 class _Flight:
     """One publish awaiting its PUBACK: a journal row (``seq``) or a queued message."""
@@ -172,6 +180,7 @@ class MqttPublisher:
         self._conn_state: str | None = None  # the last connection state logged
         self._bad_topics: set[str] = set()
         self._network_dead = False
+        self._network_thread: threading.Thread | None = None
         self._last_network_restart = -1e9
         self._last_expire = time.monotonic()
         self._shed_base = self.journal.counts().shed  # events_dropped: what the journal sheds from now on
@@ -237,7 +246,10 @@ class MqttPublisher:
         protocol = mqtt.MQTTv5 if s.protocol == "5" else mqtt.MQTTv311
         client_id = s.client_id or f"{s.node_id}-{int(time.time())}"
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
-        client.enable_logger(logging.getLogger("streamer.sinks.paho"))
+        paho_log = logging.getLogger("streamer.sinks.paho")
+        if not any(isinstance(f, _RetryNoise) for f in paho_log.filters):
+            paho_log.addFilter(_RetryNoise())
+        client.enable_logger(paho_log)
         client.suppress_exceptions = True  # a callback's exception is logged by paho, not fatal to its thread
         client.max_inflight_messages_set(INFLIGHT_WINDOW)
         if s.username is not None:
@@ -262,6 +274,7 @@ class MqttPublisher:
         except (OSError, ValueError) as exc:
             self._connection_state(f"cannot connect to {s.host}:{s.port} ({exc})", logging.WARNING, "will keep trying")
         self._client.loop_start()
+        self._network_thread = getattr(self._client, "_thread", None)  # paho forgets it when it dies
         self._sender.start()
         return self
 
@@ -463,6 +476,8 @@ class MqttPublisher:
                     self._rows.extend(rows)
                     if rows:
                         self._cursor = rows[-1].seq
+                    if len(rows) == JOURNAL_READ_ROWS:
+                        self._journal_dirty = True  # there may be more
         with self._cond:
             while self._rows:
                 row = self._rows.popleft()
@@ -560,7 +575,7 @@ class MqttPublisher:
 
     def _housekeeping(self) -> None:
         """While idle: restart a dead network thread, apply the journal's age bound. Lock held."""
-        thread = getattr(self._client, "_thread", None)
+        thread = self._network_thread
         now = time.monotonic()
         if not self._stopping and thread is not None and not thread.is_alive():
             if not self._network_dead:
@@ -572,6 +587,7 @@ class MqttPublisher:
                 self.stats.network_restarts += 1
                 self._client.loop_stop()
                 self._client.loop_start()
+                self._network_thread = getattr(self._client, "_thread", None)
         elif self._network_dead and thread is not None and thread.is_alive() and self.connected:
             self._network_dead = False
             log.info("mqtt: the network thread runs again")
