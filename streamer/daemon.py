@@ -30,6 +30,7 @@ from streamer.inference.engine import InferenceEngine, InferenceWorker, Result
 from streamer.sinks.metrics import Metrics, MetricsServer, stalled
 from streamer.model import load_model
 from streamer.sinks.console import ConsoleView, LinePrinter
+from streamer.sinks.journal import EventJournal, JournalSink
 from streamer.sinks.mqtt import MqttPublisher
 from streamer.streams import StreamReader
 
@@ -80,8 +81,8 @@ class Daemon:
         if self.metrics:
             self.metrics.events.labels(event.stream, event.target, event.state).inc()
         self.raised += 1
-        if self.mqtt:
-            self.mqtt.publish_event(event)
+        if self.journal_sink:  # journal (issue 14): durable first; the MQTT sender delivers from it
+            self.journal_sink.handle(event)
         self.printer.event(event)
 
     def _on_result(self, result: Result) -> None:
@@ -127,7 +128,18 @@ class Daemon:
             self.readers.append(StreamReader(source, loaded.features, hop_frames,
                                              lambda w, lossless=lossless: self.worker.submit(w, block=lossless)))
         targets = {s.name: [t.name for t in next(iter(self.smoothers.values())).targets] for s in self.sources}
-        self.mqtt = MqttPublisher(cfg.mqtt, targets) if cfg.mqtt else None
+        # --- event journal (issue 14); the lead ports this block to pipeline.py -----------
+        # Events go to the journal before they count as raised; the MQTT sender delivers from
+        # it (what an earlier run left pending first). No MQTT: nothing would ever deliver
+        # from a journal, so there is none.
+        self.journal = EventJournal(cfg.journal.path, cfg.journal.max_events, cfg.journal.max_age_s) if cfg.mqtt else None
+        self.mqtt = MqttPublisher(cfg.mqtt, targets, journal=self.journal) if cfg.mqtt else None
+        self.journal_sink = JournalSink(self.journal, [self.mqtt.event_journaled]) if self.journal else None
+        if self.journal:
+            c = self.journal.counts()
+            log.info("journal %s: %d event(s) pending from earlier runs (raised %d, delivered %d, shed %d in all)",
+                     cfg.journal.path, c.pending, c.raised, c.delivered, c.shed)
+        # --- end of the journal block -------------------------------------------------------
         mode = cfg.console.mode if self.output == "auto" else self.output
         live = mode == "live" or (mode == "auto" and sys.stdout.isatty())
         self.view = ConsoleView([s.name for s in self.sources]) if live else None
@@ -216,6 +228,12 @@ class Daemon:
             m.mqtt_events_delivered.set(self.mqtt.stats.events_delivered)
             m.mqtt_events_dropped.set(self.mqtt.stats.events_dropped)
             m.mqtt_connected.set(1 if self.mqtt.connected else 0)
+            # journal (issue 14)
+            c, st = self.journal.counts(), self.mqtt.stats
+            for name in ("raised", "delivered", "shed", "pending"):
+                m.journal_events.labels(name).set(getattr(c, name))
+            for name in ("refused", "connect_failures", "connect_refusals", "invalid_topics", "network_restarts"):
+                m.mqtt_failures.labels(name).set(getattr(st, name))
         if self.clips:
             m.clip_errors.set(self.clips.errors)
 
@@ -260,6 +278,12 @@ class Daemon:
             st = self.mqtt.stats
             log.info("events: raised %d; mqtt delivered %d, dropped %d (queue full), unsent %d (broker unreachable at exit)",
                      self.raised, st.events_delivered, st.events_dropped, st.events_unsent)
+            # journal (issue 14): the account across restarts, and the failures seen
+            c = self.journal.counts()
+            log.info("journal: raised %d = delivered %d + shed %d + pending %d (across restarts); this run: refused %d, "
+                     "write failures %d, connect failures %d, refusals %d", c.raised, c.delivered, c.shed, c.pending,
+                     st.events_refused, self.journal_sink.failed, st.connect_failures, st.connect_refusals)
+            self.journal.close()
         else:
             log.info("events: raised %d", self.raised)
         if self.clips:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from streamer.errors import StreamerError
 from streamer.events import Event
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,8 @@ class JournalCounts:
     corrupt_files: int = 0
 
 
-class JournalError(Exception):
-    """The journal file cannot be opened or written at all (not even a fresh one)."""
+class JournalError(StreamerError):
+    """The journal file cannot be opened at all (not even a fresh one): a one-line error at start."""
 
 
 class EventJournal:
@@ -295,9 +296,22 @@ class JournalSink:
         self.journal = journal
         self.listeners = list(listeners)
         self.appended = 0
+        self.failed = 0  # events that could not be written (disk full, I/O error): lost, counted, logged
+        self._failing = False
 
     def handle(self, item: Event) -> None:
-        seq = self.journal.append(item)
+        try:
+            seq = self.journal.append(item)
+        except sqlite3.Error as exc:
+            self.failed += 1
+            if not self._failing:
+                self._failing = True
+                log.error("journal %s: cannot write events (%s); they are lost until it can (%d so far)",
+                          self.journal.path, exc, self.failed)
+            return
+        if self._failing:
+            self._failing = False
+            log.warning("journal %s: writing again; %d event(s) were lost meanwhile", self.journal.path, self.failed)
         self.appended += 1
         for listener in self.listeners:
             listener(item, seq)
