@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import REPO, write_wav
 from mqtt_helpers import Broker, Subscriber, wait_for
@@ -59,7 +58,6 @@ def daemon(path: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=err, env={**os.environ})
 
 
-@pytest.mark.slow
 def test_sigkill_mid_outage_then_restart_delivers_all_pending_in_order_each_once(tmp_path, tiny_checkpoint):
     model, _ = tiny_checkpoint(max_length=128, num_labels=LABELS, seed=4)
     audio = write_wav(tmp_path / "noise.wav", np.random.default_rng(0).uniform(-0.3, 0.3, 16000 * 3).astype(np.float32))
