@@ -241,6 +241,9 @@ class EventJournal:
     def _remove(self, seqs: list[int], counter: str) -> int:
         with self._lock:
             db = self._db
+            # A delivery mark is not fsynced: lost to a power cut, it only means a duplicate
+            # (recognisable by id) on the next start; the next append's fsync makes it durable.
+            db.execute(f"PRAGMA synchronous={'NORMAL' if counter == 'delivered' else 'FULL'}")
             db.execute("BEGIN IMMEDIATE")
             try:
                 removed = 0
@@ -252,6 +255,8 @@ class EventJournal:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            finally:
+                db.execute("PRAGMA synchronous=FULL")
         return removed
 
     # -- reading -------------------------------------------------------------------------

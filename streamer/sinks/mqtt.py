@@ -55,6 +55,7 @@ QOS_EVENTS = 1
 QOS_LEVEL = 0
 INFLIGHT_WINDOW = 64  # QoS 1 publishes awaiting their PUBACK at once (paho's own limit is set to match)
 JOURNAL_READ_ROWS = 256  # pending rows fetched from the journal per read
+SETTLE_BATCH = INFLIGHT_WINDOW // 4  # acknowledgements marked in the journal together (one transaction)
 HEALTH_CHECK_S = 1.0  # how often an idle sender looks at paho's network thread and the journal's age bound
 NETWORK_RESTART_S = 5.0  # at most one restart of a dead network thread this often
 REFUSED_RETRY_S = 60.0  # events the broker refused are offered again after this long
@@ -434,7 +435,12 @@ class MqttPublisher:
 
     def _send_loop(self) -> None:
         while True:
-            self._settle()
+            with self._cond:
+                busy = self.connected and len(self._inflight) < INFLIGHT_WINDOW and (
+                    self._queue or self._levels or self._rows or self._journal_dirty)
+                settle = len(self._acks) >= SETTLE_BATCH or (self._acks and not busy)
+            if settle:  # in batches while sending, at once when there is nothing else to do
+                self._settle()
             item: Message | JournalRow | None = None
             with self._cond:
                 if self._stopping:
