@@ -237,8 +237,15 @@ def resolve_state_dir(value: str | None, base_dir: Path) -> Path:
     unit = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
     if value is None and unit:
         return Path(unit)
-    path = Path(value or STATE_DIR_DEFAULT).expanduser()
+    path = _expand_user(Path(value or STATE_DIR_DEFAULT))
     return path if path.is_absolute() else (Path(unit) if unit else base_dir) / path
+
+
+def _expand_user(path: Path) -> Path:
+    try:
+        return path.expanduser()
+    except RuntimeError:  # ~someone who does not exist: leave it as written (a relative path)
+        return path
 
 
 def read_config_text(path: Path) -> str:
@@ -477,7 +484,7 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
         check.error(("journal", "path"), "must be a file path")
         journal_path = JOURNAL_FILE
     journal = JournalSettings(
-        path=state_dir / Path(journal_path).expanduser(),
+        path=state_dir / _expand_user(Path(journal_path)),
         max_events=check.typed(jn, "max_events", int, ("journal",), JournalSettings.max_events, 1, 100_000_000),
         max_age_s=float(check.typed(jn, "max_days", (int, float), ("journal",), JournalSettings.max_age_s / 86400,
                                     0.001, 36500)) * 86400,

@@ -105,3 +105,36 @@ def test_sigkill_mid_outage_then_restart_delivers_all_pending_in_order_each_once
     err = Path(str(second.args[-1])).with_suffix(".err").read_text()
     assert "Traceback" not in err
     assert "pending from earlier runs" in err and "journal: raised" in err
+
+
+def test_reload_from_a_fifo_or_dev_zero_never_blocks_the_main_loop(tmp_path, tiny_checkpoint):
+    """SIGHUP after the config was replaced by a FIFO, then by a symlink to /dev/zero: each
+    reload is refused at once with one line, and SIGTERM is still obeyed promptly."""
+    model, _ = tiny_checkpoint(max_length=128, num_labels=LABELS, seed=4)
+    audio = write_wav(tmp_path / "noise.wav", np.random.default_rng(0).uniform(-0.3, 0.3, 16000 * 3).astype(np.float32))
+    path = config(tmp_path, model, audio, port=1, on_threshold=1.0)
+    raw = json.loads(path.read_text())
+    del raw["mqtt"]
+    path.write_text(json.dumps(raw))
+    err_path = path.with_suffix(".err")
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "-v", "run", "--config", str(path)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=open(err_path, "w"))
+    try:
+        assert wait_for(lambda: "streamer ready" in err_path.read_text(), 120)
+        path.unlink()
+        os.mkfifo(path)
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "FIFO" in err_path.read_text(), 10)
+        path.unlink()
+        path.symlink_to("/dev/zero")
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "character device" in err_path.read_text(), 10)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        assert time.monotonic() - t0 < 15 and proc.returncode == 0
+    finally:
+        proc.kill()
+    err = err_path.read_text()
+    refusals = [line for line in err.splitlines() if "reload refused" in line]
+    assert len(refusals) == 2 and "Traceback" not in err
