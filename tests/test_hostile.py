@@ -24,13 +24,13 @@ from conftest import REPO, run_cli, write_wav
 from mqtt_helpers import Broker, Subscriber, wait_for
 from streamer.capture.files import read_audio
 from streamer.capture.sources import Backoff, FfmpegSource, SourceState
-from streamer.settings import MODEL_KEYS, MQTT_KEYS, SECTIONS, SOURCE_KEYS, TLS_KEYS, Config, ConfigError, load_config
+from streamer.settings import JOURNAL_KEYS, MODEL_KEYS, MQTT_KEYS, SECTIONS, SOURCE_KEYS, TLS_KEYS, Config, ConfigError, load_config
 from streamer.errors import StreamerError
 from streamer.model import load_model
 
 # -- the config loader --------------------------------------------------------------------
 
-KNOWN_KEYS = sorted(SECTIONS | MODEL_KEYS | SOURCE_KEYS | MQTT_KEYS | TLS_KEYS | {
+KNOWN_KEYS = sorted(SECTIONS | MODEL_KEYS | SOURCE_KEYS | MQTT_KEYS | TLS_KEYS | JOURNAL_KEYS | {
     "defaults", "targets", "include", "exclude", "groups", "on_threshold", "off_threshold", "hold", "min_on",
     "smoothing", "cooldown", "labels", "mode", "level", "enabled", "directory", "pre", "post", "max_mb", "max_days",
 })
@@ -51,6 +51,7 @@ shaped = st.fixed_dictionaries({}, optional={
     "hop": scalars, "ring_seconds": scalars, "level_interval": scalars,
     "detect": documents, "mqtt": st.one_of(scalars, st.dictionaries(st.sampled_from(sorted(MQTT_KEYS)), st.one_of(scalars, documents), max_size=6)),
     "console": documents, "logging": documents, "metrics": documents, "clips": documents,
+    "state_dir": scalars, "journal": st.one_of(scalars, st.dictionaries(st.sampled_from(sorted(JOURNAL_KEYS)), scalars, max_size=3)),
 })
 
 

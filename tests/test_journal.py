@@ -93,6 +93,7 @@ def test_counters_survive_restart(tmp_path):
     j.mark_delivered(seqs[2])
     j.close()
     again = EventJournal(path, max_events=4)
+    assert (j.run, again.run) == (1, 2)  # a run number for ids that stay unique across restarts
     c = again.counts()
     assert (c.raised, c.delivered, c.shed, c.pending) == (6, 1, 2, 3) and balanced(again)
     new = again.append(event(6))

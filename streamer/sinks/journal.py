@@ -43,7 +43,7 @@ DEFAULT_MAX_AGE_S = 7 * 86_400.0
 SHED_LOG_INTERVAL_S = 10.0
 BUSY_TIMEOUT_S = 5.0  # a second process on the same file (check tools) waits this long for the lock
 MEMORY = ":memory:"
-COUNTERS = ("raised", "delivered", "shed", "corrupt_files")
+COUNTERS = ("raised", "delivered", "shed", "corrupt_files", "runs")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -114,6 +114,10 @@ class EventJournal:
         self._last_shed_log = -1e9
         self._shed_since_log = 0
         self._db = self._open()
+        self._db.execute("UPDATE counters SET value = value + 1 WHERE name = 'runs'")
+        # this process's run number (1, 2, …) in this journal: event ids restart with the
+        # audio timeline, so a run number in them keeps them unique across restarts
+        self.run = int(self._db.execute("SELECT value FROM counters WHERE name = 'runs'").fetchone()[0])
 
     # -- opening -------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
