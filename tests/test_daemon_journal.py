@@ -62,7 +62,8 @@ def test_sigkill_mid_outage_then_restart_delivers_all_pending_in_order_each_once
     model, _ = tiny_checkpoint(max_length=128, num_labels=LABELS, seed=4)
     audio = write_wav(tmp_path / "noise.wav", np.random.default_rng(0).uniform(-0.3, 0.3, 16000 * 3).astype(np.float32))
     journal_path = tmp_path / "state" / "journal.db"
-    broker = Broker(tmp_path, persistence=True)
+    # the recorder's session may queue more than mosquitto's default 1000 while it reconnects
+    broker = Broker(tmp_path, persistence=True, extra=["max_queued_messages 0"])
     recorder = Subscriber(broker.port, ["streamer/+/events"], client_id="recorder", persistent=True)
     broker.stop()  # the outage
 
@@ -80,7 +81,9 @@ def test_sigkill_mid_outage_then_restart_delivers_all_pending_in_order_each_once
     assert len(owed) >= 1000 and len(set(owed)) == len(owed)
     assert [s for _, s in owed[:LABELS]] == ["ON"] * LABELS and "OFF" in {s for _, s in owed}
 
+    recorder.connected.clear()
     broker.start()
+    assert recorder.connected.wait(15)  # back on its session before the backlog comes
     second = daemon(config(tmp_path, model, audio, broker.port, on_threshold=1.0))  # raises nothing new
     try:
         assert wait_for(lambda: not pending_rows(journal_path), 120), len(pending_rows(journal_path))

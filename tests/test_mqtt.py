@@ -324,7 +324,7 @@ time.sleep(60)
 def test_sigkill_mid_outage_then_restart_delivers_every_pending_event(tmp_path):
     """The publisher-level version of the daemon test in test_daemon_journal: 1000 raised while
     the broker is down, SIGKILL, a new process, the broker back: 1000 of 1000, in order."""
-    broker = Broker(tmp_path, persistence=True)
+    broker = Broker(tmp_path, persistence=True, extra=["max_queued_messages 0"])  # the default 1000 is the backlog's size
     sub = Subscriber(broker.port, ["streamer/kitchen/events"], client_id="recorder", persistent=True)
     broker.stop()
     path = str(tmp_path / "journal.db")
@@ -335,7 +335,9 @@ def test_sigkill_mid_outage_then_restart_delivers_every_pending_event(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         assert EventJournal(path).counts().pending == 1000
+        sub.connected.clear()
         broker.start()
+        assert sub.connected.wait(15)
         journal = EventJournal(path)
         pub = MqttPublisher(MqttSettings(host="127.0.0.1", port=broker.port, reconnect_min_s=1, reconnect_max_s=1),
                             {STREAM: ["Dog"]}, journal=journal).start()
@@ -476,3 +478,30 @@ def test_connection_failures_are_logged_once_per_change(tmp_path, caplog):
         assert len([r for r in caplog.records if "cannot reach broker" in r.getMessage()]) == 1
     finally:
         pub.stop(timeout=0.5)
+
+
+def test_refused_events_are_offered_again_once_the_broker_accepts_them(tmp_path, monkeypatch):
+    import streamer.sinks.mqtt as module
+    monkeypatch.setattr(module, "REFUSED_RETRY_S", 1.0)
+    acl = tmp_path / "acl"
+    acl.write_text("topic read #\n")
+    broker = Broker(tmp_path, extra=[f"acl_file {acl}"])
+    sub = Subscriber(broker.port, ["streamer/kitchen/events"])
+    pub = MqttPublisher(MqttSettings(host="127.0.0.1", port=broker.port, protocol="5", homeassistant=False,
+                                     reconnect_min_s=1, reconnect_max_s=1), {STREAM: [TARGET]},
+                        journal=EventJournal(tmp_path / "journal.db")).start()
+    try:
+        assert wait_for(lambda: pub.connected, 10)
+        for n in range(3):
+            pub.publish_event(event(n))
+        assert wait_for(lambda: pub.stats.events_refused >= 3, 10)
+        acl.write_text("topic readwrite #\n")  # the operator fixes the ACL; mosquitto rereads it on SIGHUP
+        broker.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: pub.journal.counts().pending == 0, 20), pub.stats
+        assert wait_for(lambda: len(sub.on("streamer/kitchen/events")) >= 3, 5)
+        assert firsts_by_identity(sub.on("streamer/kitchen/events")) == [(f"kitchen:smoke_alarm:{n}", "ON") for n in range(3)]
+        assert pub.stats.events_delivered == 3
+    finally:
+        pub.stop(timeout=1)
+        sub.close()
+        broker.stop()
