@@ -30,13 +30,15 @@ from streamer.settings import Config, ConfigError, load_config
 from streamer.sinks.base import Level, SinkHub, SourceStatus
 from streamer.sinks.clips import ClipWriter
 from streamer.sinks.console import ConsoleView, LinePrinter
+from streamer.sinks.journal import EventJournal, JournalSink
 from streamer.sinks.metrics import Metrics, MetricsServer, stalled
-from streamer.sinks.mqtt import MqttEventSink, MqttPublisher
+from streamer.sinks.mqtt import MqttPublisher
 
 log = logging.getLogger(__name__)
 
 LOOP_INTERVAL_S = 0.25
 STOP_TIMEOUT_S = 10.0
+JOURNAL_LANE_MIN_ITEMS = 10_000  # events waiting to be journaled (a burst of ONs), at least
 STALL_SECONDS = 30.0  # no window scored this long while sources run: unhealthy
 
 
@@ -98,7 +100,16 @@ class Daemon:
         self.metrics = Metrics() if cfg.metrics else None
         self.clips = ClipWriter(cfg.clips) if cfg.clips else None
         targets = cfg.detect.targets(self.labels)
-        self.mqtt = MqttPublisher(cfg.mqtt, {s.name: [t.name for t in targets] for s in self.sources}) if cfg.mqtt else None
+        # Events go to the journal (on its own sink thread); the MQTT sender delivers
+        # from it (what an earlier run left pending first). No MQTT: nothing would ever deliver
+        # from a journal, so there is none.
+        self.journal = EventJournal(cfg.journal.path, cfg.journal.max_events, cfg.journal.max_age_s) if cfg.mqtt else None
+        self.mqtt = MqttPublisher(cfg.mqtt, {s.name: [t.name for t in targets] for s in self.sources},
+                                  journal=self.journal) if cfg.mqtt else None
+        if self.journal:
+            c = self.journal.counts()
+            log.info("journal %s: %d event(s) pending from earlier runs (raised %d, delivered %d, shed %d in all)",
+                     cfg.journal.path, c.pending, c.raised, c.delivered, c.shed)
         mode = cfg.console.mode if self.output == "auto" else self.output
         live = mode == "live" or (mode == "auto" and sys.stdout.isatty())
         self.view = ConsoleView([s.name for s in self.sources], labels=self.labels) if live else None
@@ -107,8 +118,10 @@ class Daemon:
             self.hub.add(self.view)
         elif mode != "off":
             self.hub.add(LinePrinter(as_json=mode == "json"))
-        if self.mqtt:
-            self.hub.add(MqttEventSink(self.mqtt), queue_items=cfg.mqtt.queue_size)
+        self.journal_sink = None
+        if self.journal:  # its own lane, as long as the journal: an event is never shed before it is journaled
+            self.journal_sink = self.hub.add(JournalSink(self.journal, [self.mqtt.event_journaled]),
+                                             queue_items=max(JOURNAL_LANE_MIN_ITEMS, cfg.journal.max_events))
         self.pipeline = Pipeline(self.engine, self.sources, hop_to_frames(cfg.hop), targets, self.hub,
                                  max_wait_ms=cfg.model.max_wait_ms, added_delay_s=cfg.model.added_delay_ms / 1000,
                                  on_event=self._on_event, on_window=self._on_window,
@@ -206,6 +219,12 @@ class Daemon:
             m.mqtt_events_delivered.set(self.mqtt.stats.events_delivered)
             m.mqtt_events_dropped.set(self.mqtt.stats.events_dropped)
             m.mqtt_connected.set(1 if self.mqtt.connected else 0)
+            # journal (issue 14)
+            c, st = self.journal.counts(), self.mqtt.stats
+            for name in ("raised", "delivered", "shed", "pending"):
+                m.journal_events.labels(name).set(getattr(c, name))
+            for name in ("refused", "connect_failures", "connect_refusals", "invalid_topics", "network_restarts"):
+                m.mqtt_failures.labels(name).set(getattr(st, name))
         if self.clips:
             m.clip_errors.set(self.clips.errors)
 
@@ -238,6 +257,12 @@ class Daemon:
             st = self.mqtt.stats
             log.info("events: raised %d; mqtt delivered %d, dropped %d (queue full), unsent %d (broker unreachable at exit)",
                      self.raised, st.events_delivered, st.events_dropped, st.events_unsent)
+            # journal (issue 14): the account across restarts, and the failures seen
+            c = self.journal.counts()
+            log.info("journal: raised %d = delivered %d + shed %d + pending %d (across restarts); this run: refused %d, "
+                     "write failures %d, connect failures %d, refusals %d", c.raised, c.delivered, c.shed, c.pending,
+                     st.events_refused, self.journal_sink.failed, st.connect_failures, st.connect_refusals)
+            self.journal.close()
         else:
             log.info("events: raised %d", self.raised)
         shed = {name: lane["shed"] for name, lane in self.hub.stats().items() if lane["shed"]}

@@ -8,9 +8,11 @@ environment variable NAME (for secrets); a missing variable is an error.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,18 @@ import yaml
 from streamer.errors import StreamerError
 from streamer.sinks.clips import ClipSettings
 from streamer.events import DetectSettings
+from streamer.sinks.journal import JOURNAL_FILE, JournalSettings
 from streamer.sinks.mqtt import MqttSettings, TlsSettings
 
 DEFAULT_CONFIG = Path("config/streamer.yaml")
 HOP_MIN_S, HOP_MAX_S = 0.1, 10.0
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KiB; anything past 1 MiB is a mistake (or /dev/zero)
+STATE_DIR_DEFAULT = "state"  # relative to $STATE_DIRECTORY (systemd) or to the config file's directory
+MQTT_MAX_BYTES = 65_535  # an MQTT string (topic, client id) is at most this many bytes of UTF-8
+MQTT_NAME_ROOM = 1_024  # a name is part of longer topics: leave this much room for the rest
+URL_MAX_CHARS = 8_192
+HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 
 
 class ConfigError(StreamerError):
@@ -73,6 +82,8 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole validated config. ``state_dir`` holds what survives restarts (the event journal)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     sources: tuple[SourceConfig, ...] = ()
     hop: float = 1.0
@@ -84,9 +95,13 @@ class Config:
     level_interval_s: float = 10.0
     metrics: MetricsConfig | None = None
     clips: ClipSettings | None = None
+    state_dir: Path = Path(STATE_DIR_DEFAULT)
+    journal: JournalSettings = field(default_factory=JournalSettings)
 
 
-SECTIONS = {"model", "sources", "hop", "ring_seconds", "detect", "mqtt", "console", "logging", "level_interval", "metrics", "clips"}
+SECTIONS = {"model", "sources", "hop", "ring_seconds", "detect", "mqtt", "console", "logging", "level_interval", "metrics", "clips",
+            "state_dir", "journal"}
+JOURNAL_KEYS = {"path", "max_events", "max_days"}
 MODEL_KEYS = {"path", "device", "precision", "max_batch", "max_wait_ms", "threads", "added_delay_ms"}
 SOURCE_KEYS = {"name", "type", "device", "path", "url", "gain", "channels", "channel", "realtime", "loop"}
 MQTT_KEYS = {"enabled", "host", "port", "prefix", "instance", "client_id", "username", "password", "keepalive",
@@ -141,6 +156,141 @@ class _Checker:
         return value
 
 
+def _mqtt_text_problem(value: str, limit: int) -> str | None:
+    """Why ``value`` cannot be an MQTT UTF-8 string (MQTT 5, 1.5.4; what mosquitto enforces), or None."""
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 (an undecodable byte, e.g. from an environment variable)"
+    if size > limit:
+        return f"is {size} bytes of UTF-8; at most {limit} fit in an MQTT topic"
+    if "\0" in value:
+        return "contains a NUL character"
+    for char in value:
+        code = ord(char)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            return f"contains the control character U+{code:04X}"
+        if 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE:
+            return f"contains the non-character U+{code:04X}"
+    return None
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def mqtt_name_problem(value: str, *, wildcards: bool = True, levels: bool = False) -> str | None:
+    """Why ``value`` cannot be a topic part (prefix, instance, discovery prefix) or client id, or None.
+
+    These used to pass ``check-config`` and then break every CONNECT (an invalid will topic)
+    or paho's thread, silently; now they are refused with their line.
+    """
+    if value == "":
+        return "must not be empty (leave the key out for the default)"
+    problem = _mqtt_text_problem(value, MQTT_MAX_BYTES - MQTT_NAME_ROOM)
+    if problem:
+        return problem
+    if wildcards and ("+" in value or "#" in value):
+        return "contains an MQTT wildcard ('+' or '#'), which no topic may hold"
+    if levels and "" in value.split("/"):
+        return "has an empty topic level ('//', or a '/' at the start or end)"
+    return None
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is not a host name or IP address, or None."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return None
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "is not a valid host name"
+    labels = ascii_host[:-1].split(".") if ascii_host.endswith(".") else ascii_host.split(".")
+    if not host or len(ascii_host) > 253 or not all(HOST_LABEL.match(label) for label in labels):
+        return "is not a valid host name or IP address"
+    return None
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be handed to ffmpeg as one argument, or None."""
+    if len(url) > URL_MAX_CHARS:
+        return f"is {len(url)} characters long; at most {URL_MAX_CHARS}"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return "contains a control character (NUL, newline, …)"
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    return None
+
+
+def resolve_state_dir(value: str | None, base_dir: Path) -> Path:
+    """Where state lives: an absolute ``state_dir`` as it is; a relative one (default
+    ``state``) under systemd's ``$STATE_DIRECTORY`` when set, else under the config's directory."""
+    unit = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if value is None and unit:
+        return Path(unit)
+    path = _expand_user(Path(value or STATE_DIR_DEFAULT))
+    return path if path.is_absolute() else (Path(unit) if unit else base_dir) / path
+
+
+def _expand_user(path: Path) -> Path:
+    try:
+        return path.expanduser()
+    except RuntimeError:  # ~someone who does not exist: leave it as written (a relative path)
+        return path
+
+
+def read_config_text(path: Path) -> str:
+    """The config file's text, refusing anything that is not a small regular file, at once.
+
+    A FIFO (would block forever), a device or a symlink to ``/dev/zero`` (would read until
+    memory runs out) or an oversized file (minutes of YAML parsing) is a one-line error before
+    a byte is read; O_NONBLOCK and a second check on the open descriptor cover a file swapped
+    for a FIFO in between. So a reload (SIGHUP) can never block the main loop.
+    """
+    def refuse(st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
+                    else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                    else "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file")
+            raise ConfigError([f"{path}: is {kind}, not a regular file"])
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([f"{path}: is {st.st_size} bytes; a config may be at most {MAX_CONFIG_BYTES} bytes"])
+
+    try:
+        refuse(os.stat(path))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    try:
+        refuse(os.fstat(fd))
+        chunks, size = [], 0
+        while size <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:  # it grew while we read
+        raise ConfigError([f"{path}: is over {MAX_CONFIG_BYTES} bytes; a config may be at most {MAX_CONFIG_BYTES} bytes"])
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
+
+
 def _line_map(node, path=(), out=None) -> dict[tuple, int]:
     out = {} if out is None else out
     out[path] = node.start_mark.line + 1
@@ -173,23 +323,22 @@ def _expand_env(value: Any, path: tuple, check: _Checker) -> Any:
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate a config file; command-line ``overrides`` win over its keys."""
+    text = read_config_text(path)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # one parse (libyaml when present) for lines and values
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
-    try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text)
+        node = loader.get_single_node()
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f"{mark.line + 1}" if mark else "?"
         raise ConfigError([f"{path}:{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
-    return parse_config(raw or {}, str(path), _line_map(node) if node else {}, overrides)
+    finally:
+        loader.dispose()
+    return parse_config(raw or {}, str(path), _line_map(node) if node else {}, overrides, base_dir=path.resolve().parent)
 
 
-def parse_config(raw: Any, source: str = "config", lines: dict | None = None, overrides: dict | None = None) -> Config:
+def parse_config(raw: Any, source: str = "config", lines: dict | None = None, overrides: dict | None = None,
+                 base_dir: Path | None = None) -> Config:
     check = _Checker(source, lines or {})
     raw = check.keys(raw, SECTIONS, ())
     raw = _expand_env(raw, (), check)
@@ -232,6 +381,8 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
                 check.error(p, "a file source needs a path")
             if kind == "ffmpeg" and not s.get("url"):
                 check.error(p, "an ffmpeg source needs a url")
+            if isinstance(s.get("url"), str) and url_problem(s["url"]):
+                check.error(p + ("url",), f"the url {url_problem(s['url'])}")
             device = s.get("device")
             if device is not None and not isinstance(device, (str, int)):
                 check.error(p + ("device",), "expected a device name or index")
@@ -285,6 +436,18 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
         )
         if mqtt.protocol not in ("3.1.1", "5", "5.0"):
             check.error(("mqtt", "protocol"), "must be 3.1.1 or 5")
+        names = {"prefix": (mqtt.prefix, True), "instance": (mqtt.instance, False),
+                 "discovery_prefix": (mqtt.discovery_prefix, True), "client_id": (mqtt.client_id, False)}
+        for key, (value, levels) in names.items():
+            problem = mqtt_name_problem(value, levels=levels) if isinstance(value, str) else None
+            if problem:
+                check.error(("mqtt", key), f"{value[:40]!r}{'…' if len(value) > 40 else ''} {problem}")
+        if isinstance(mqtt.username, str) and _mqtt_text_problem(mqtt.username, MQTT_MAX_BYTES):
+            check.error(("mqtt", "username"), f"the user name {_mqtt_text_problem(mqtt.username, MQTT_MAX_BYTES)}")
+        if isinstance(mqtt.password, str) and not _utf8(mqtt.password):
+            check.error(("mqtt", "password"), "is not valid UTF-8 (not shown: a secret)")
+        if isinstance(mqtt.host, str) and host_problem(mqtt.host):
+            check.error(("mqtt", "host"), f"{mqtt.host[:60]!r} {host_problem(mqtt.host)}")
 
     c = check.keys(raw.get("console"), {"mode"}, ("console",))
     console = ConsoleConfig(mode=check.typed(c, "mode", str, ("console",), "auto", choices=("auto", "live", "lines", "json", "off")))
@@ -306,10 +469,26 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
             max_bytes=int(check.typed(cl, "max_mb", (int, float), ("clips",), 1024, 1, 10**7) * 2**20),
             max_age_s=float(check.typed(cl, "max_days", (int, float), ("clips",), 30, 0.001, 36500)) * 86400,
         )
+    state_value = check.typed(raw, "state_dir", str, (), None)
+    if isinstance(state_value, str) and (not state_value or "\0" in state_value):
+        check.error(("state_dir",), "must be a directory path")
+        state_value = None
+    state_dir = resolve_state_dir(state_value, base_dir or Path.cwd())
+    jn = check.keys(raw.get("journal"), JOURNAL_KEYS, ("journal",))
+    journal_path = check.typed(jn, "path", str, ("journal",), JOURNAL_FILE)
+    if not journal_path or "\0" in journal_path:
+        check.error(("journal", "path"), "must be a file path")
+        journal_path = JOURNAL_FILE
+    journal = JournalSettings(
+        path=state_dir / _expand_user(Path(journal_path)),
+        max_events=check.typed(jn, "max_events", int, ("journal",), JournalSettings.max_events, 1, 100_000_000),
+        max_age_s=float(check.typed(jn, "max_days", (int, float), ("journal",), JournalSettings.max_age_s / 86400,
+                                    0.001, 36500)) * 86400,
+    )
     ring_seconds = float(check.typed(raw, "ring_seconds", (int, float), (), 30.0, 12, 3600))
     level_interval = float(check.typed(raw, "level_interval", (int, float), (), 10.0, 0.1, 86400))
     if check.problems:
         raise ConfigError(check.problems)
     return Config(model=model, sources=tuple(sources), hop=float(hop), detect=detect, mqtt=mqtt, console=console,
                   log_level=level, ring_seconds=ring_seconds,
-                  level_interval_s=level_interval, metrics=metrics, clips=clips)
+                  level_interval_s=level_interval, metrics=metrics, clips=clips, state_dir=state_dir, journal=journal)

@@ -120,6 +120,10 @@ class Subscriber:
         with self.lock:
             return [m for m in self.messages if m.topic == topic]
 
+    def on_prefix(self, prefix: str) -> list[Received]:
+        with self.lock:
+            return [m for m in self.messages if m.topic.startswith(prefix)]
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()

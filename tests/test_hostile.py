@@ -17,20 +17,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO, run_cli, write_wav
 from mqtt_helpers import Broker, Subscriber, wait_for
 from streamer.capture.files import read_audio
 from streamer.capture.sources import Backoff, FfmpegSource, SourceState
-from streamer.settings import MODEL_KEYS, MQTT_KEYS, SECTIONS, SOURCE_KEYS, TLS_KEYS, Config, ConfigError, load_config
+from streamer.settings import JOURNAL_KEYS, MODEL_KEYS, MQTT_KEYS, SECTIONS, SOURCE_KEYS, TLS_KEYS, Config, ConfigError, load_config
 from streamer.errors import StreamerError
 from streamer.model import load_model
 
 # -- the config loader --------------------------------------------------------------------
 
-KNOWN_KEYS = sorted(SECTIONS | MODEL_KEYS | SOURCE_KEYS | MQTT_KEYS | TLS_KEYS | {
+KNOWN_KEYS = sorted(SECTIONS | MODEL_KEYS | SOURCE_KEYS | MQTT_KEYS | TLS_KEYS | JOURNAL_KEYS | {
     "defaults", "targets", "include", "exclude", "groups", "on_threshold", "off_threshold", "hold", "min_on",
     "smoothing", "cooldown", "labels", "mode", "level", "enabled", "directory", "pre", "post", "max_mb", "max_days",
 })
@@ -51,6 +51,7 @@ shaped = st.fixed_dictionaries({}, optional={
     "hop": scalars, "ring_seconds": scalars, "level_interval": scalars,
     "detect": documents, "mqtt": st.one_of(scalars, st.dictionaries(st.sampled_from(sorted(MQTT_KEYS)), st.one_of(scalars, documents), max_size=6)),
     "console": documents, "logging": documents, "metrics": documents, "clips": documents,
+    "state_dir": scalars, "journal": st.one_of(scalars, st.dictionaries(st.sampled_from(sorted(JOURNAL_KEYS)), scalars, max_size=3)),
 })
 
 
@@ -328,3 +329,147 @@ def test_secrets_never_reach_logs_errors_or_the_broker(tmp_path, tiny_checkpoint
     everything = "\n".join(seen)
     assert "refused" in everything  # the wrong password was reported…
     assert SECRET not in everything and KEY_SECRET not in everything  # …without either secret
+
+
+# -- MQTT names, hosts and URLs (issue 14): refused with their line, or they work ------------
+
+from streamer.settings import MAX_CONFIG_BYTES, mqtt_name_problem  # noqa: E402
+from streamer.sinks.mqtt import MqttPublisher  # noqa: E402
+
+mqtt_text = st.one_of(
+    st.text(max_size=30),
+    st.text(alphabet=st.sampled_from(list("ab/+#\0 é€\x01\x7f\ufffe\ud800")), max_size=12),
+    st.sampled_from(["", "/", "a//b", "/lead", "trail/", "x" * 70_000, "é" * 33_000, "home/+/x", "#", "ok/name"]),
+)
+MQTT_NAME_KEYS = ("prefix", "instance", "discovery_prefix", "client_id")
+
+
+def _mqtt_config(tmp_path: Path, mqtt: dict, url: str | None = None) -> Path:
+    source = {"name": "a", "type": "ffmpeg", "url": url} if url is not None else {"name": "a", "type": "file", "path": "/x.wav"}
+    path = tmp_path / "mqtt.yaml"
+    # JSON (YAML's subset) carries any str, lone surrogates as \\ud800 escapes, which YAML reads back
+    path.write_text(json.dumps({"sources": [source], "mqtt": {"host": "127.0.0.1", **mqtt}}), encoding="utf-8")
+    return path
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.dictionaries(st.sampled_from(MQTT_NAME_KEYS), mqtt_text, min_size=1),
+       host=st.one_of(st.none(), st.text(max_size=20), st.sampled_from(["::1", "[::1]", "a..b", "-x", "bad host", "x" * 300])),
+       url=st.one_of(st.none(), st.text(max_size=40), st.sampled_from(["rtsp://u:p@cam/s", "rtsp://cam/\0", "http://x/\n", "u" * 9000])))
+def test_mqtt_names_hosts_and_urls_are_a_config_or_a_config_error(tmp_path, names, host, url):
+    mqtt = {**names, **({"host": host} if host is not None else {})}
+    try:
+        config = load_config(_mqtt_config(tmp_path, mqtt, url))
+    except ConfigError as exc:
+        assert exc.problems and all("\n" not in p and ":" in p for p in exc.problems)
+        return
+    for key in MQTT_NAME_KEYS:  # what was accepted is what MQTT can carry
+        value = getattr(config.mqtt, key)
+        assert value is None or mqtt_name_problem(value, levels=key.endswith("prefix")) is None
+
+
+@pytest.fixture(scope="module")
+def name_broker(tmp_path_factory):
+    broker = Broker(tmp_path_factory.mktemp("broker"))
+    yield broker
+    broker.stop()
+
+
+likely_ok = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=24)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.dictionaries(st.sampled_from(MQTT_NAME_KEYS), st.one_of(likely_ok, mqtt_text), min_size=1),
+       protocol=st.sampled_from(["3.1.1", "5"]))
+@example(names={"prefix": "home/é€/日本", "instance": "Garage Box/2", "client_id": "streamer é", "discovery_prefix": "ha"},
+         protocol="5")
+def test_mqtt_names_that_pass_validation_connect_and_deliver(tmp_path, name_broker, names, protocol):
+    """Names the config accepts must work against a real broker: connect (the will topic is
+    valid), publish an event and have it acknowledged; no silent failure in between."""
+    try:
+        config = load_config(_mqtt_config(tmp_path, {**names, "port": name_broker.port, "protocol": protocol}))
+    except ConfigError:
+        return
+    from dataclasses import replace as dc_replace
+    settings_ = dc_replace(config.mqtt, reconnect_min_s=1, reconnect_max_s=1)
+    pub = MqttPublisher(settings_, {"Kitchen": ["Dog"]}).start()
+    try:
+        assert wait_for(lambda: pub.connected, 10), (pub.last_error, names)
+        pub.publish_event(_hostile_event())
+        assert wait_for(lambda: pub.stats.events_delivered == 1, 10), (pub.stats, names)
+        assert pub.stats.refused == pub.stats.invalid_topics == pub.stats.network_restarts == 0
+    finally:
+        pub.stop(timeout=1)
+
+
+def test_names_from_an_undecodable_environment_variable_are_refused(tmp_path):
+    os.environb[b"STREAMER_TEST_BAD_PREFIX"] = b"home\xff"
+    try:
+        with pytest.raises(ConfigError, match="mqtt.prefix: .*not valid UTF-8"):
+            load_config(_mqtt_config(tmp_path, {"prefix": "${STREAMER_TEST_BAD_PREFIX}"}))
+    finally:
+        del os.environb[b"STREAMER_TEST_BAD_PREFIX"]
+
+
+def _hostile_event():
+    from streamer.events import Event
+    return Event(id="kitchen:dog:0", stream="Kitchen", target="Dog", state="ON", labels=("Dog",), start_sample=0,
+                 end_sample=None, start_time=None, end_time=None, peak=0.9, mean=0.8)
+
+
+@pytest.mark.parametrize("name,value,problem", ids=lambda v: str(v)[:20], argvalues=[
+    ("prefix", "home/+", "wildcard"), ("prefix", "a//b", "empty topic level"), ("instance", "garage#1", "wildcard"),
+    ("discovery_prefix", "homeassistant/", "empty topic level"), ("client_id", "id\u0000x", "NUL"),
+    ("instance", "x" * 70_000, "bytes of UTF-8"), ("prefix", "", "must not be empty"), ("client_id", "a\u0007", "control"),
+])
+def test_bad_mqtt_names_are_refused_with_their_line(tmp_path, name, value, problem):
+    path = tmp_path / "c.yaml"
+    path.write_text("sources: [{name: a, type: file, path: /x.wav}]\nmqtt:\n  host: 127.0.0.1\n"
+                    f"  {name}: {json.dumps(value)}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(f"{path}:4: mqtt.{name}: ") and problem in info.value.problems[0]
+
+
+# -- the config file itself: a small regular file, refused at once otherwise -----------------
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero-symlink", "50-MB", "directory", "dev-null"])
+def test_a_config_that_is_no_small_regular_file_is_refused_at_once(tmp_path, kind):
+    path = tmp_path / "streamer.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero-symlink":
+        path.symlink_to("/dev/zero")
+    elif kind == "dev-null":
+        path.symlink_to("/dev/null")
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        with open(path, "wb") as f:
+            f.write(b"# padding\n" * (5 * 2**20))
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert time.monotonic() - t0 < 1.0
+    assert len(info.value.problems) == 1 and str(path) in info.value.problems[0]
+    expected = {"fifo": "FIFO", "dev-zero-symlink": "character device", "dev-null": "character device",
+                "directory": "directory", "50-MB": f"at most {MAX_CONFIG_BYTES} bytes"}[kind]
+    assert expected in info.value.problems[0]
+    result = run_cli("check-config", str(path), timeout=60)  # the command a user runs: one line, no hang
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr
+
+
+def test_a_fifo_swapped_in_after_the_check_cannot_block(tmp_path, monkeypatch):
+    """The race: stat sees a regular file, open gets a FIFO. O_NONBLOCK and fstat refuse it at once."""
+    import streamer.settings as settings_module
+    path = tmp_path / "streamer.yaml"
+    os.mkfifo(path)
+    real_stat = os.stat
+    regular = real_stat(__file__)
+    monkeypatch.setattr(settings_module.os, "stat", lambda p, *a, **k: regular if str(p) == str(path) else real_stat(p, *a, **k))
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="FIFO"):
+        load_config(path)
+    assert time.monotonic() - t0 < 1.0

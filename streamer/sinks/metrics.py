@@ -47,6 +47,10 @@ class Metrics:
         self.mqtt_events_delivered = Gauge("streamer_mqtt_events_delivered", "Event messages acknowledged by the broker", registry=r)
         self.mqtt_events_dropped = Gauge("streamer_mqtt_events_dropped", "Event messages dropped from a full MQTT queue", registry=r)
         self.mqtt_connected = Gauge("streamer_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.journal_events = Gauge("streamer_journal_events", "Event journal totals across restarts: raised = delivered + shed + pending",
+                                    ["count"], registry=r)
+        self.mqtt_failures = Gauge("streamer_mqtt_failures", "MQTT failures this run, by kind (refused publishes, connect failures…)",
+                                   ["kind"], registry=r)
         self.clip_errors = Gauge("streamer_clip_errors", "Clips that could not be written", registry=r)
         self.sink_shed = Gauge("streamer_sink_shed", "Items a sink's full queue shed (it could not keep up)", ["sink"], registry=r)
         self.sink_queue = Gauge("streamer_sink_queue_length", "Items waiting for a sink", ["sink"], registry=r)

@@ -21,12 +21,23 @@ following the config — :meth:`MqttPublisher.set_targets` on a reload announces
 targets, removes taken-out ones and clears their retained state. Everything is announced
 again once per Home Assistant birth message (a burst of births is debounced).
 
-Nothing here blocks the pipeline: messages go into a bounded queue of our own, and one
-sender thread hands them to paho one at a time, waiting for each QoS 1 PUBACK, so order is
-kept and a broker outage loses nothing that fits in the queue. When the queue is full the
-oldest message is dropped and counted (a log line, a metric). paho reconnects with backoff;
-after every reconnect the status, the current states and the discovery configs are sent
-again.
+Nothing here blocks the pipeline. Events are delivered from the durable event journal
+(:mod:`streamer.sinks.journal`): one sender thread reads the pending rows in order, keeps a
+window of up to ``INFLIGHT_WINDOW`` QoS 1 publishes in flight, and marks a row delivered
+only when its PUBACK arrives (an ``on_publish`` callback wakes the sender: no sleeping per
+message). On MQTT 5 a PUBACK whose reason code is a failure (e.g. 135, not authorized) is a
+refusal: never counted delivered, counted, logged once per change, retried later. A crash,
+a SIGKILL or a power cut loses nothing: the next start delivers what is still pending.
+Without a journal of its own the publisher keeps one in memory (tests, tools).
+
+Everything else (states, availability, discovery, the greeting sent after each connect) goes
+through a bounded in-memory queue: ``queue_size`` is a real bound, greetings included (a
+fresh greeting replaces the unsent one); when it is full the oldest message is dropped and
+counted. Levels are not queued: only the newest per stream is sent, only while connected.
+
+Every failure is seen: connection refusals, unreachable brokers, refused publishes, invalid
+topics and a dead network thread are each logged once per change of state and counted in
+:class:`MqttStats`. paho reconnects with backoff; its network thread is restarted if it dies.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -50,14 +61,21 @@ from functools import cached_property
 from streamer.events import Event
 from streamer.names import host_instance, ident, machine_id
 from streamer.sinks import homeassistant as ha
+from streamer.sinks.journal import MEMORY, EventJournal, JournalRow
 
 log = logging.getLogger(__name__)
 
 DROP_LOG_INTERVAL_S = 10.0
-PUBACK_POLL_S = 0.01
 QOS_EVENTS = 1
 QOS_LEVEL = 0
 BIRTH_DEBOUNCE_S = 2.0  # Home Assistant births within this long of the first: one announcement
+INFLIGHT_WINDOW = 64  # QoS 1 publishes awaiting their PUBACK at once (paho's own limit is set to match)
+JOURNAL_READ_ROWS = 256  # pending rows fetched from the journal per read
+SETTLE_BATCH = INFLIGHT_WINDOW // 4  # acknowledgements marked in the journal together (one transaction)
+HEALTH_CHECK_S = 1.0  # how often an idle sender looks at paho's network thread and the journal's age bound
+NETWORK_RESTART_S = 5.0  # at most one restart of a dead network thread this often
+REFUSED_RETRY_S = 60.0  # events the broker refused are offered again after this long
+MQTT_REFUSAL = 0x80  # reason codes from here up are failures (MQTT 5, 2.4)
 
 
 @dataclass(frozen=True)
@@ -118,27 +136,54 @@ class Message:
     retain: bool = False
     expiry_s: int | None = None
     is_event: bool = False  # an ON/OFF event message, counted on its own so events can be accounted for
+    greeting: bool = False  # sent after a (re)connect; a fresh greeting replaces one still unsent
 
 
 @dataclass
 class MqttStats:
-    """Messages of every kind, and event messages alone: ``events_queued`` ends up as
-    ``events_delivered + events_dropped + events_unsent`` (still queued at exit)."""
+    """This run's counts. Non-event messages: ``queued`` = ``delivered + dropped + superseded
+    + refused`` + still queued or in flight. Events: what the journal says is pending stays
+    there for the next start (``events_unsent`` at exit); the journal's own counters are the
+    account across restarts."""
 
-    queued: int = 0
-    delivered: int = 0
-    dropped: int = 0
+    queued: int = 0  # non-event messages put on the queue
+    delivered: int = 0  # messages of every kind acknowledged by the broker
+    dropped: int = 0  # non-event messages dropped from a full queue (or never acknowledged at stop)
+    superseded: int = 0  # unsent greeting messages replaced by a fresh greeting
     connects: int = 0
-    events_queued: int = 0
+    connect_failures: int = 0  # the broker could not be reached
+    connect_refusals: int = 0  # the broker answered CONNACK with a failure (bad credentials, bad client id…)
+    disconnects: int = 0
+    refused: int = 0  # publishes the broker answered with a failure reason code (MQTT 5)
+    invalid_topics: int = 0  # publishes paho refused to send (topic not valid)
+    network_restarts: int = 0  # paho's network thread died and was started again
+    events_queued: int = 0  # events handed to this publisher (journaled) this run
     events_delivered: int = 0
-    events_dropped: int = 0
-    events_unsent: int = 0
+    events_refused: int = 0
+    events_dropped: int = 0  # events shed by the journal's bounds this run
+    events_unsent: int = 0  # journal rows still pending at stop (delivered by the next start)
+
+
+class _RetryNoise(logging.Filter):
+    """paho logs "Client is not connected" at ERROR on every retry; our own line, once per
+    change of the connection's state, says it instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Client is not connected")
+
+
+@dataclass
+class _Flight:
+    """One publish awaiting its PUBACK: a journal row (``seq``) or a queued message."""
+
+    message: Message
+    seq: int | None = None
 
 
 class MqttPublisher:
     """Events, states, levels and discovery to one broker, through a bounded queue."""
 
-    def __init__(self, settings: MqttSettings, targets: dict[str, list[str]]) -> None:
+    def __init__(self, settings: MqttSettings, targets: dict[str, list[str]], journal: EventJournal | None = None) -> None:
         self.settings = settings
         self.topics = settings.topics
         self.targets = {stream: list(names) for stream, names in targets.items()}  # stream → target names
@@ -155,14 +200,31 @@ class MqttPublisher:
         self.stats = MqttStats()
         self.connected = False
         self.last_error: str | None = None
-        self._queue: deque[Message] = deque()
+        # events come from the journal; without one, an in-memory journal bounded by queue_size
+        self._own_journal = journal is None
+        self.journal = journal if journal is not None else EventJournal(MEMORY, max_events=settings.queue_size)
+        self._queue: deque[Message] = deque()  # non-event messages, at most queue_size
+        self._levels: dict[str, str] = {}  # stream → newest level payload not yet sent
         self._cond = threading.Condition()
         self._states: dict[tuple[str, str], str] = {(s, t): "OFF" for s, names in targets.items() for t in names}
         self._stopping = False
         self._last_drop_log = 0.0
         self._dropped_since_log = 0
-        self._in_flight: Message | None = None  # the message the sender is waiting on
-        self._released: Message | None = None  # the in-flight message, if a full queue let it go
+        self._inflight: dict[int, _Flight] = {}  # mid → publish awaiting its PUBACK
+        self._acks: dict[int, Any] = {}  # mid → PUBACK reason code, filled by on_publish
+        self._busy: set[int] = set()  # journal seqs in flight or acknowledged but not yet marked
+        self._rows: deque[JournalRow] = deque()  # pending rows read ahead, in order
+        self._cursor = 0  # the last journal seq handed to paho (or skipped)
+        self._journal_dirty = True  # the journal may hold rows past the cursor
+        self._refusing = False
+        self._retry_refused_at: float | None = None
+        self._conn_state: str | None = None  # the last connection state logged
+        self._bad_topics: set[str] = set()
+        self._network_dead = False
+        self._network_thread: threading.Thread | None = None
+        self._last_network_restart = -1e9
+        self._last_expire = time.monotonic()
+        self._shed_base = self.journal.counts().shed  # events_dropped: what the journal sheds from now on
         self._client = self._make_client()
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
 
@@ -246,9 +308,14 @@ class MqttPublisher:
     def _make_client(self) -> mqtt.Client:
         s = self.settings
         protocol = mqtt.MQTTv5 if s.protocol == "5" else mqtt.MQTTv311
-        client_id = s.client_id or f"{s.node_id}-{int(time.time())}"
+        client_id = s.client_id or f"{s.node_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"  # unique: two starts in one second must not kick each other off
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
-        client.enable_logger(logging.getLogger("streamer.sinks.paho"))
+        paho_log = logging.getLogger("streamer.sinks.paho")
+        if not any(isinstance(f, _RetryNoise) for f in paho_log.filters):
+            paho_log.addFilter(_RetryNoise())
+        client.enable_logger(paho_log)
+        client.suppress_exceptions = True  # a callback's exception is logged by paho, not fatal to its thread
+        client.max_inflight_messages_set(INFLIGHT_WINDOW)
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if s.tls is not None:
@@ -261,6 +328,7 @@ class MqttPublisher:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         return client
 
     def start(self) -> "MqttPublisher":
@@ -268,20 +336,32 @@ class MqttPublisher:
         try:
             self._client.connect_async(s.host, s.port, keepalive=s.keepalive)
         except (OSError, ValueError) as exc:
-            self.last_error = f"cannot connect to {s.host}:{s.port} ({exc})"
-            log.warning("mqtt: %s; will keep trying", self.last_error)
+            self._connection_state(f"cannot connect to {s.host}:{s.port} ({exc})", logging.WARNING, "will keep trying")
         self._client.loop_start()
+        self._network_thread = getattr(self._client, "_thread", None)  # paho forgets it when it dies
         self._sender.start()
         return self
 
+    def _connection_state(self, error: str | None, level: int = logging.WARNING, hint: str = "") -> None:
+        """Record the connection's state; log it only when it changes (not once per retry)."""
+        self.last_error = error
+        state = error or "connected"
+        if state != self._conn_state:
+            self._conn_state = state
+            if error is None:
+                log.info("mqtt: connected to %s:%d", self.settings.host, self.settings.port)
+            else:
+                log.log(level, "mqtt: %s%s", error, f"; {hint}" if hint else "")
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            self.last_error = f"broker {self.settings.host}:{self.settings.port} refused the connection: {reason_code}"
-            log.error("mqtt: %s (check mqtt.username / mqtt.password); retrying", self.last_error)
+            self.stats.connect_refusals += 1
+            self._connection_state(f"broker {self.settings.host}:{self.settings.port} refused the connection: {reason_code}",
+                                   logging.ERROR, "check mqtt.username / mqtt.password / mqtt.client_id; retrying")
             return
         self.stats.connects += 1
         self.last_error = None
-        log.info("mqtt: connected to %s:%d", self.settings.host, self.settings.port)
+        self._connection_state(None)
         # -- what is announced on (re)connect: status, owner, discovery, current states
         client.subscribe(self.topics.status, qos=1)  # the retained status and owner, before ours replace them
         client.subscribe(self.topics.owner, qos=1)
@@ -295,20 +375,25 @@ class MqttPublisher:
         with self._cond:
             self.connected = True
             self.announcements += 1
-            self._queue.extendleft(reversed(greeting))
+            self._greet(greeting)
+            self._rewind()  # offer every pending event not in flight (refused ones included)
             self._cond.notify_all()
 
     def _on_connect_fail(self, client, userdata) -> None:
-        self.last_error = f"cannot reach broker {self.settings.host}:{self.settings.port}"
-        log.warning("mqtt: %s; retrying with backoff", self.last_error)
+        self.stats.connect_failures += 1
+        self._connection_state(f"cannot reach broker {self.settings.host}:{self.settings.port}", logging.WARNING,
+                               "retrying with backoff")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._cond:
             was = self.connected
             self.connected = False
             self._cond.notify_all()
-        if was and not self._stopping:
-            log.warning("mqtt: disconnected (%s); reconnecting", reason_code)
+        if was:
+            self.stats.disconnects += 1
+            if not self._stopping:
+                self._connection_state(f"disconnected from {self.settings.host}:{self.settings.port} ({reason_code})",
+                                       logging.WARNING, "reconnecting")
 
     def _on_message(self, client, userdata, message) -> None:
         """Home Assistant births, retained discovery configs and the instance's owner."""
@@ -349,15 +434,34 @@ class MqttPublisher:
             targets = {stream: list(names) for stream, names in self.targets.items()}
         return ha.legacy_topics(self.settings.discovery_prefix, self.settings.instance, targets)
 
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        """paho's network thread: a PUBACK (or a QoS 0 send) for ``mid``; the sender settles it."""
+        with self._cond:
+            self._acks[mid] = reason_code
+            self._cond.notify_all()
+
     # -- publishing ----------------------------------------------------------------------
     def publish_event(self, event: Event) -> None:
-        """Queue an event (ON or OFF) and the target's new retained state."""
+        """Journal an event (ON or OFF) and queue the target's new retained state.
+
+        With a journal shared with a :class:`~streamer.sinks.journal.JournalSink`, the sink
+        appends and calls :meth:`event_journaled` instead; do not call both.
+        """
+        seq = self.journal.append(event)
+        self.event_journaled(event, seq)
+
+    def event_journaled(self, event: Event, seq: int) -> None:
+        """An event is in the journal (a JournalSink listener): update its state, wake the sender."""
         with self._topology:
             self._states[(event.stream, event.target)] = event.state
-        expiry = self.settings.event_expiry_s if self.settings.protocol == "5" else None
-        self._enqueue(Message(self.events_topic(event.stream), json.dumps(event.as_dict()), expiry_s=expiry, is_event=True))
+        self.stats.events_queued += 1
+        self.stats.events_dropped = self.journal.counts().shed - self._shed_base
+        with self._cond:
+            self._journal_dirty = True
+            self._cond.notify_all()
         self._enqueue(Message(self.state_topic(event.stream, event.target), event.state, retain=True))
         if self.settings.homeassistant and event.state == "ON":  # HA's event entity: one per ON
+            expiry = self.settings.event_expiry_s if self.settings.protocol == "5" else None
             payload = ha.ha_event_payload(event.target, event.stream, event.id, event.peak, event.start_time)
             self._enqueue(Message(self.topics.ha_event(event.stream), json.dumps(payload), expiry_s=expiry))
 
@@ -366,88 +470,250 @@ class MqttPublisher:
         self._enqueue(Message(self.topics.availability(stream), "online" if state == "running" else "offline", retain=True))
 
     def publish_level(self, stream: str, dbfs: float) -> None:
+        """The newest level per stream, sent by the sender while connected (never queued up)."""
         if self.connected:
-            self._client.publish(self.level_topic(stream), f"{dbfs:.1f}", qos=QOS_LEVEL)
+            with self._cond:
+                self._levels[stream] = f"{dbfs:.1f}"
+                self._cond.notify_all()
 
     def _enqueue(self, message: Message) -> None:
         with self._cond:
-            if len(self._queue) >= self.settings.queue_size:
-                self._drop_oldest()
             self._queue.append(message)
             self.stats.queued += 1
-            self.stats.events_queued += message.is_event
+            self._trim()
             self._cond.notify_all()
 
+    def _greet(self, messages: list[Message]) -> None:
+        """Put the (re)connect greeting first; it replaces a greeting still unsent. Lock held."""
+        stale = sum(m.greeting for m in self._queue)
+        if stale:
+            self._queue = deque(m for m in self._queue if not m.greeting)
+            self.stats.superseded += stale
+        self._queue.extendleft(reversed([replace(m, greeting=True) for m in messages]))
+        self.stats.queued += len(messages)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Hold the queue to ``queue_size``: drop the oldest non-greeting messages first. Lock held."""
+        while len(self._queue) > self.settings.queue_size:
+            self._drop_oldest()
+
     def _drop_oldest(self) -> None:
-        """Make room in a full queue. The message being sent stays: its fate (delivered or
-        not) is counted by the sender, so every message is counted exactly once."""
-        index = 1 if self._queue[0] is self._in_flight and len(self._queue) > 1 else 0
-        oldest = self._queue[index]
+        index = next((i for i, m in enumerate(self._queue) if not m.greeting), len(self._queue) - 1)
+        dropped = self._queue[index]
         del self._queue[index]
-        if oldest is self._in_flight:  # a queue of one: the sender counts it
-            self._released = oldest
-            return
         self.stats.dropped += 1
-        self.stats.events_dropped += oldest.is_event
         self._dropped_since_log += 1
         now = time.monotonic()
         if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
-            log.warning("mqtt: queue full (%d): dropped %d oldest messages", self.settings.queue_size, self._dropped_since_log)
+            log.warning("mqtt: queue full (%d): dropped %d oldest message(s), e.g. %s", self.settings.queue_size,
+                        self._dropped_since_log, dropped.topic)
             self._last_drop_log, self._dropped_since_log = now, 0
 
     def queue_length(self) -> int:
+        """Messages not yet acknowledged: queued, in flight, and events pending in the journal."""
+        return len(self._queue) + sum(f.seq is None for f in list(self._inflight.values())) + self.journal.pending_count()
+
+    def control_queue_length(self) -> int:
+        """Non-event messages waiting to be sent: never more than ``queue_size``."""
         return len(self._queue)
+
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # -- the sender ----------------------------------------------------------------------
+    def _rewind(self) -> None:
+        """Read the journal from its start again (skipping rows in flight). Lock held."""
+        self._cursor = 0
+        self._rows.clear()
+        self._journal_dirty = True
+        self._retry_refused_at = None
+
+    def _idle(self) -> bool:
+        """Nothing left that could be sent now. Lock held."""
+        return not self._queue and not self._inflight and not self._rows and not self._journal_dirty and not self._acks
 
     def _send_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not (self.connected and self._queue):
-                    self._cond.wait(0.5)
-                if self._stopping and (not self._queue or not self.connected):
-                    return
-                message = self._in_flight = self._queue[0]
-            sent = self._send(message)
+                busy = self.connected and len(self._inflight) < INFLIGHT_WINDOW and (
+                    self._queue or self._levels or self._rows or self._journal_dirty)
+                settle = len(self._acks) >= SETTLE_BATCH or (self._acks and not busy)
+            if settle:  # in batches while sending, at once when there is nothing else to do
+                self._settle()
+            item: Message | JournalRow | None = None
             with self._cond:
-                self._in_flight = None
-                released, self._released = self._released is message, None
-                if sent:
-                    # by identity: a reconnect may have put its greeting in front of it
-                    for i, queued in enumerate(self._queue):
-                        if queued is message:
-                            del self._queue[i]
-                            break
-                    self.stats.delivered += 1
-                    self.stats.events_delivered += message.is_event
-                elif released:  # let go by a full queue while the connection failed under it
-                    self.stats.dropped += 1
-                    self.stats.events_dropped += message.is_event
+                if self._stopping:
+                    return
+                room = self.connected and len(self._inflight) < INFLIGHT_WINDOW
+                if room and self._levels:
+                    stream, payload = self._levels.popitem()
+                    item = Message(self.level_topic(stream), payload, qos=QOS_LEVEL)
+                elif room and self._queue:
+                    item = self._queue.popleft()
+                elif room and (self._rows or self._journal_dirty):
+                    item = None  # read the journal below, outside the lock
+                elif not self._acks:
+                    if self._retry_refused_at is not None and time.monotonic() >= self._retry_refused_at:
+                        self._rewind()
+                        continue
+                    self._cond.wait(HEALTH_CHECK_S)
+                    self._housekeeping()
+                    continue
+                else:
+                    continue  # acknowledgements to settle first
+            if item is None:
+                item = self._next_row()
+                if item is None:
+                    continue
+            self._publish(item)
 
-    def _send(self, message: Message) -> bool:
-        """Hand one message to paho and wait for its PUBACK; False if the connection went."""
+    def _next_row(self) -> JournalRow | None:
+        with self._cond:
+            if not self._rows:
+                self._journal_dirty = False  # an append from now on sets it again
+                after = self._cursor
+            else:
+                after = None
+        if after is not None:
+            rows = self.journal.pending(after=after, limit=JOURNAL_READ_ROWS)
+            with self._cond:
+                if self._cursor == after:  # not rewound meanwhile
+                    self._rows.extend(rows)
+                    if rows:
+                        self._cursor = rows[-1].seq
+                    if len(rows) == JOURNAL_READ_ROWS:
+                        self._journal_dirty = True  # there may be more
+        with self._cond:
+            while self._rows:
+                row = self._rows.popleft()
+                if row.seq not in self._busy:
+                    self._busy.add(row.seq)
+                    return row
+        return None
+
+    def _publish(self, item: Message | JournalRow) -> None:
+        if isinstance(item, JournalRow):
+            expiry = self.settings.event_expiry_s if self.settings.protocol == "5" else None
+            message, seq = Message(self.events_topic(item.stream), item.payload, expiry_s=expiry, is_event=True), item.seq
+        else:
+            message, seq = item, None
         properties = None
         if message.expiry_s and self.settings.protocol == "5":
             properties = Properties(PacketTypes.PUBLISH)
             properties.MessageExpiryInterval = message.expiry_s
-        info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain, properties=properties)
-        if message.qos == 0:
-            return info.rc == mqtt.MQTT_ERR_SUCCESS
-        # paho keeps an unacknowledged QoS 1 message and sends it again after a reconnect:
-        # waiting on the same message (not publishing it again) keeps delivery in order.
-        while not info.is_published():
-            if self._stopping and not self.connected:
-                return False
-            time.sleep(PUBACK_POLL_S)
-        return True
+        try:
+            info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain,
+                                        properties=properties)
+        except (ValueError, TypeError) as exc:  # a topic or payload paho will not send: it never will
+            self._invalid(message, seq, str(exc))
+            return
+        with self._cond:
+            if message.qos == 0:
+                self._acks.pop(info.mid, None)
+                if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                    self.stats.delivered += 1
+                return
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: paho keeps it for the reconnect
+                self._busy.discard(seq)
+                if seq is None:
+                    self._queue.appendleft(message)
+                else:
+                    self._rewind()
+                log.warning("mqtt: paho would not take a publish (%s); trying again", mqtt.error_string(info.rc))
+                self._cond.wait(HEALTH_CHECK_S)
+                return
+            self._inflight[info.mid] = _Flight(message, seq)
+
+    def _invalid(self, message: Message, seq: int | None, reason: str) -> None:
+        self.stats.invalid_topics += 1
+        if message.topic not in self._bad_topics:
+            self._bad_topics.add(message.topic)
+            log.error("mqtt: cannot publish to %r (%s); dropped", message.topic[:200], reason)
+        if seq is None:
+            self.stats.dropped += 1
+        else:
+            self.journal.mark_shed(seq, f"invalid topic {message.topic[:200]!r}")
+            self.stats.events_dropped = self.journal.counts().shed - self._shed_base
+            with self._cond:
+                self._busy.discard(seq)
+
+    def _settle(self) -> None:
+        """Account for every acknowledged publish: mark events delivered (one transaction)."""
+        delivered: list[int] = []
+        with self._cond:
+            if not self._acks:
+                return
+            for mid in [m for m in self._acks if m in self._inflight]:
+                flight, reason = self._inflight.pop(mid), self._acks.pop(mid)
+                value = getattr(reason, "value", 0)
+                if value >= MQTT_REFUSAL:
+                    self._refused(flight, reason)
+                    continue
+                self.stats.delivered += 1
+                if flight.seq is not None:
+                    delivered.append(flight.seq)
+            self._acks = {m: r for m, r in self._acks.items() if m in self._inflight}  # stray ones (a resent QoS 0)
+            if delivered and self._refusing:
+                self._refusing = False
+                log.info("mqtt: the broker accepts publishes again")
+        if delivered:
+            self.journal.mark_delivered(delivered)
+            with self._cond:
+                self.stats.events_delivered += len(delivered)
+                self._busy.difference_update(delivered)
+                self._cond.notify_all()
+
+    def _refused(self, flight: _Flight, reason: Any) -> None:
+        """A PUBACK with a failure reason: never delivered; the event stays pending. Lock held."""
+        self.stats.refused += 1
+        if flight.seq is not None:
+            self.stats.events_refused += 1
+            self._busy.discard(flight.seq)
+            if self._retry_refused_at is None:
+                self._retry_refused_at = time.monotonic() + REFUSED_RETRY_S
+        else:
+            self.stats.dropped += 1
+        if not self._refusing:
+            self._refusing = True
+            log.error("mqtt: the broker refused a publish to %s (%s); refused events stay in the journal and are "
+                      "offered again every %.0f s", flight.message.topic, reason, REFUSED_RETRY_S)
+
+    def _housekeeping(self) -> None:
+        """While idle: restart a dead network thread, apply the journal's age bound. Lock held."""
+        thread = self._network_thread
+        now = time.monotonic()
+        if not self._stopping and thread is not None and not thread.is_alive():
+            if not self._network_dead:
+                self._network_dead = True
+                self.last_error = "the MQTT network thread died"
+                log.error("mqtt: the network thread died (see the paho log line before this); restarting it")
+            if now - self._last_network_restart >= NETWORK_RESTART_S:
+                self._last_network_restart = now
+                self.stats.network_restarts += 1
+                self._client.loop_stop()
+                self._client.loop_start()
+                self._network_thread = getattr(self._client, "_thread", None)
+        elif self._network_dead and thread is not None and thread.is_alive() and self.connected:
+            self._network_dead = False
+            log.info("mqtt: the network thread runs again")
+        if now - self._last_expire >= HEALTH_CHECK_S * 60:
+            self._last_expire = now
+            if self.journal.expire():
+                self.stats.events_dropped = self.journal.counts().shed - self._shed_base
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Deliver what is queued (up to ``timeout``), publish ``offline``, disconnect."""
+        """Deliver what is pending (up to ``timeout``), publish ``offline``, disconnect.
+
+        Events not acknowledged by then stay in the journal for the next start."""
         deadline = time.monotonic() + timeout
-        while self._queue and self.connected and time.monotonic() < deadline:
-            time.sleep(0.02)
         with self._cond:
+            while self.connected and not self._idle() and time.monotonic() < deadline:
+                self._cond.wait(min(HEALTH_CHECK_S, max(0.0, deadline - time.monotonic())))
             self._stopping = True
             self._cond.notify_all()
         self._sender.join(max(0.1, deadline - time.monotonic()))
+        self._settle()
         if self.connected:
             info = self._client.publish(self.settings.status_topic, "offline", qos=QOS_EVENTS, retain=True)
             try:
@@ -456,22 +722,11 @@ class MqttPublisher:
                 pass
         self._client.disconnect()
         self._client.loop_stop()
-        self.stats.events_unsent = sum(m.is_event for m in self._queue)
-        if self._queue:
-            log.warning("mqtt: %d messages (%d events) were still queued at exit", len(self._queue), self.stats.events_unsent)
-
-
-class MqttEventSink:
-    """The publisher as a sink: events reach its queue from the hub's thread, never the scorer's."""
-
-    name = "mqtt"
-    accepts = (Event,)
-
-    def __init__(self, publisher: MqttPublisher) -> None:
-        self.publisher = publisher
-
-    def handle(self, item: Event) -> None:
-        self.publisher.publish_event(item)
-
-    def close(self) -> None:  # the daemon stops the publisher itself, after the last OFFs
-        pass
+        with self._cond:
+            lost = len(self._queue) + sum(f.seq is None for f in self._inflight.values())
+            self.stats.dropped += lost
+        self.stats.events_unsent = self.journal.pending_count()
+        if lost or self.stats.events_unsent:
+            where = "lost with this in-memory journal" if self._own_journal else "kept in the journal for the next start"
+            log.warning("mqtt: at exit %d message(s) were unsent and %d event(s) pending (%s)", lost,
+                        self.stats.events_unsent, where)
