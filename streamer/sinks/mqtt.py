@@ -43,6 +43,7 @@ topics and a dead network thread are each logged once per change of state and co
 from __future__ import annotations
 
 import json
+import os
 import logging
 import threading
 import time
