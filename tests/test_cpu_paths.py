@@ -76,10 +76,11 @@ def test_export_is_cached_next_to_the_checkpoint_or_in_the_user_cache(tiny_check
     assert cpu.cache_dir(loaded_other, "abc") == tmp_path / "user-cache" / "abc"
 
 
-def test_precision_auto_picks_a_valid_path_on_this_cpu_and_caches_it(tiny_checkpoint, caplog):
+def test_precision_auto_picks_a_valid_path_on_this_cpu_and_caches_it(tiny_checkpoint, caplog, monkeypatch):
     directory, _ = tiny_checkpoint(max_length=128, num_labels=527)
     feats = real_windows(3, max_length=128)
     reference = engine_for(directory, "fp32").predict(feats)
+    monkeypatch.setattr(cpu, "FAST_ENOUGH_S", 0.0)  # a tiny model: compare every path all the same
     with caplog.at_level(logging.INFO, logger="streamer.inference"):
         engine = engine_for(directory, "auto", threads=torch.get_num_threads())
     choice = engine.choice
@@ -94,6 +95,17 @@ def test_precision_auto_picks_a_valid_path_on_this_cpu_and_caches_it(tiny_checkp
     again = engine_for(directory, "auto", threads=torch.get_num_threads())
     assert again.choice.cached and again.precision == engine.precision  # next start: no timing
     assert "(cached choice)" in again.choice.log_line()
+
+
+def test_precision_auto_keeps_fp32_for_a_model_that_is_fast_already(tiny_checkpoint, monkeypatch):
+    directory, _ = tiny_checkpoint(max_length=64)
+    # "fast" is a measured time, and a shared CI box can make even a tiny model slow in torch:
+    # a limit no tiny model misses makes the shortcut itself what is tested
+    monkeypatch.setattr(cpu, "FAST_ENOUGH_S", 5.0)
+    engine = engine_for(directory, "auto")
+    assert engine.precision == "fp32" and engine.choice.seconds_per_window <= cpu.FAST_ENOUGH_S
+    assert not (directory / cpu.CACHE_SUBDIR).exists() or not any((directory / cpu.CACHE_SUBDIR).rglob("*.onnx"))
+    assert "precision auto: fp32" in engine.choice.log_line()
 
 
 def test_every_cpu_precision_scores_within_the_bound(tiny_checkpoint):

@@ -16,7 +16,8 @@ on AVX2. So the daemon decides at start, on the box it runs on:
    :data:`ACCURACY_BOUND` wins; one log line says which, how fast, how accurate, and on
    what CPU.
 
-The choice is cached next to the ONNX export (see :func:`cache_dir`) keyed by the CPU
+A model whose fp32 window already costs under :data:`FAST_ENOUGH_S` keeps fp32 without
+trying the others (nothing to gain). The choice is cached next to the ONNX export (see :func:`cache_dir`) keyed by the CPU
 model, its flags, the thread count, the checkpoint's hash and the runtime versions, so the
 next start is instant. The ONNX files are exported from our own model once per checkpoint
 (opset :data:`ONNX_OPSET`) and quantised with ``onnxruntime.quantization.quantize_dynamic``.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import statistics
 import tempfile
@@ -47,6 +49,9 @@ log = logging.getLogger(__name__)
 ACCURACY_BOUND = 0.02  # largest |Δp| against fp32 that auto accepts
 CHECK_WINDOWS = 3  # windows of built-in audio each candidate scores at start (first one warms up)
 CHECK_SEED = 12  # the built-in audio is deterministic
+FAST_ENOUGH_S = 0.05  # fp32 this fast (< 5 % of a core at hop 1 s): nothing else is worth exporting
+FAST_CHECK_RUNS = 5
+SURELY_SLOW = 20  # a run this many times over FAST_ENOUGH_S: no need to try again
 ONNX_OPSET = 17
 SAMPLE_RATE = 16000
 CACHE_SUBDIR = ".streamer-cache"  # inside the checkpoint directory, when it is writable
@@ -393,8 +398,13 @@ def _choice_file(directory: Path, features: CpuFeatures, threads: int) -> Path:
 
 
 def choose(loaded: LoadedModel, threads: int, features: CpuFeatures | None = None,
-           paths: list[str] | None = None, use_cache: bool = True) -> Choice:
-    """The fastest CPU path within :data:`ACCURACY_BOUND` of fp32 (cached per CPU + checkpoint)."""
+           paths: list[str] | None = None, use_cache: bool = True, fast_enough_s: float | None = None) -> Choice:
+    """The fastest CPU path within :data:`ACCURACY_BOUND` of fp32 (cached per CPU + checkpoint).
+
+    A model whose fp32 window takes at most ``fast_enough_s`` (default
+    :data:`FAST_ENOUGH_S`; the best of a few runs) keeps fp32 at once: small models gain
+    nothing worth an export.
+    """
     features = features or cpu_features()
     paths = paths or candidates(features)
     directory: Path | None = None
@@ -413,8 +423,24 @@ def choose(loaded: LoadedModel, threads: int, features: CpuFeatures | None = Non
                 return choice
         except (OSError, ValueError, TypeError) as exc:
             log.warning("precision auto: ignoring an unreadable cached choice %s: %s", record, exc)
+    windows = check_windows(loaded)
+    fast = FAST_ENOUGH_S if fast_enough_s is None else fast_enough_s
+    cold = math.inf
+    with torch.inference_mode():
+        # the best of a few: the first call pays one-time set-up and a busy box preempts
+        # some runs; a run far over the limit settles it at once (big models pay one run)
+        for _ in range(FAST_CHECK_RUNS):
+            t0 = time.perf_counter()
+            loaded.model(windows[:1])
+            elapsed = time.perf_counter() - t0
+            cold = min(cold, elapsed)
+            if cold <= fast or elapsed > SURELY_SLOW * max(fast, 1e-3):
+                break
+    if cold <= fast:
+        log.info("precision auto: fp32 takes %.3f s per window, fast enough: no other path tried", cold)
+        return Choice("fp32", cold, cold, 0.0, 1, features.describe(), threads, [PathResult("fp32", cold, 0.0)])
     t0 = time.perf_counter()
-    results, forwards = measure(loaded, paths, threads, directory, check_windows(loaded))
+    results, forwards = measure(loaded, paths, threads, directory, windows)
     fp32 = next(r for r in results if r.path == "fp32")
     if fp32.seconds_per_window is None:
         raise StreamerError(f"precision auto: the fp32 reference failed on this CPU: {fp32.error}")
