@@ -45,14 +45,15 @@ def machine_name(device: torch.device) -> str:
     return platform.processor()
 
 
-def random_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """A full-size AudioSet-shaped AST (10-10, 527 labels) with random weights."""
+def random_checkpoint(directory: Path, seed: int = 0, stride: int = 10) -> Path:
+    """A full-size AudioSet-shaped AST (10-10, or ``stride``-``stride``; 527 labels) with random weights."""
     from streamer.model.ast import AudioSpectrogramTransformer
     from streamer.model.checkpoint import LoadedModel, save_checkpoint
     from streamer.model.config import ASTConfig, FeatureConfig
 
     torch.manual_seed(seed)
-    config = ASTConfig(labels=tuple(f"label {i}" for i in range(527)), problem_type="multi_label_classification")
+    config = ASTConfig(labels=tuple(f"label {i}" for i in range(527)), problem_type="multi_label_classification",
+                       frequency_stride=stride, time_stride=stride)
     model = AudioSpectrogramTransformer(config)
     with torch.no_grad():  # ViT-like init: small weights, unit-scale tokens and positions
         for name, p in model.named_parameters():
@@ -256,14 +257,22 @@ def _real_windows(loaded, audio: list[Path], count: int, hop_frames: int) -> tup
     return torch.stack([w.features for w in windows[::step][:count]]), source
 
 
-def cpu_paths(model_dir: Path, threads: int, include_transformers: bool) -> dict:
-    """Every CPU path, built once in this process: name → (B, T, F) features → logits."""
+CHEAP_PATHS = ("fp32", "onnx-int8")  # measured on the cheaper (16-16) model too
+
+
+def cpu_paths(model_dir: Path, threads: int, include_transformers: bool, cheaper: Path | None = None) -> dict:
+    """Every CPU path, built once in this process: name → (B, T, F) features → logits.
+
+    With ``cheaper`` (a 16-16 checkpoint), its fp32 and onnx-int8 paths as well, named
+    ``… 16-16`` (their accuracy is against the 16-16 model's own fp32).
+    """
     from streamer.inference import cpu
     from streamer.model import load_model
 
     loaded = load_model(model_dir)
     features = cpu.cpu_features()
     paths: dict = {}
+    probabilities: dict = {}
     if include_transformers:
         from transformers import ASTForAudioClassification
 
@@ -274,11 +283,17 @@ def cpu_paths(model_dir: Path, threads: int, include_transformers: bool) -> dict
         t0 = time.perf_counter()
         paths[f"ours {name}"] = cpu.build_forward(name, loaded, threads)
         log.info("built %s in %.1f s", name, time.perf_counter() - t0)
-    return {"paths": paths, "loaded": loaded, "features": features}
+    if cheaper is not None:
+        small = load_model(cheaper)
+        grid = f"{small.config.frequency_stride}-{small.config.time_stride}"
+        for name in CHEAP_PATHS:
+            paths[f"ours {name} {grid}"] = cpu.build_forward(name, small, threads)
+            probabilities[f"ours {name} {grid}"] = (small.model.probabilities, f"ours fp32 {grid}")
+    return {"paths": paths, "loaded": loaded, "features": features, "references": probabilities}
 
 
 def bench_cpu(model_dir: Path, audio: list[Path], threads: int, include_transformers: bool = True,
-              rounds: int = CPU_ROUNDS, accuracy_model: Path | None = None) -> dict:
+              rounds: int = CPU_ROUNDS, accuracy_model: Path | None = None, cheaper: Path | None = None) -> dict:
     """All CPU paths in one process, interleaved window by window, on real recordings.
 
     Each round scores one window with every path in turn, so that other load on the
@@ -287,8 +302,8 @@ def bench_cpu(model_dir: Path, audio: list[Path], threads: int, include_transfor
     ratios. Accuracy: max |Δp| of every path against our fp32 over the same windows.
     """
     torch.set_num_threads(threads)
-    built = cpu_paths(model_dir, threads, include_transformers)
-    paths, loaded = built["paths"], built["loaded"]
+    built = cpu_paths(model_dir, threads, include_transformers, cheaper)
+    paths, loaded, references = built["paths"], built["loaded"], built["references"]
     windows, source = _real_windows(loaded, audio, rounds, hop_frames=100)
     probs = loaded.model.probabilities
     times: dict[str, list[float]] = {name: [] for name in paths}
@@ -297,25 +312,26 @@ def bench_cpu(model_dir: Path, audio: list[Path], threads: int, include_transfor
         for i in range(len(windows)):
             for name, forward in paths.items():
                 t0 = time.perf_counter()
-                out = probs(forward(windows[i:i + 1]))
+                out = references.get(name, (probs,))[0](forward(windows[i:i + 1]))
                 elapsed = time.perf_counter() - t0
                 if i:
                     times[name].append(elapsed)
                 outs[name].append(out[0])
             print(f"round {i + 1}/{len(windows)}: " + ", ".join(f"{n} {times[n][-1]:.2f}" for n in paths if times[n]),
                   file=sys.stderr, flush=True)
-    ref = torch.stack(outs["ours fp32"])
     base = "transformers fp32" if "transformers fp32" in paths else "ours fp32"
     rows = []
     for name in paths:
         got = torch.stack(outs[name])
+        reference_name = references.get(name, (None, "ours fp32"))[1]
+        ref = torch.stack(outs[reference_name])
         ratios = [b / t for b, t in zip(times[base], times[name])]
         top = got.topk(TOP_K, dim=1).indices
         ref_top = ref.topk(TOP_K, dim=1).indices
         rows.append({
             "path": name, "s_per_window": statistics.median(times[name]), "min_s": min(times[name]),
             "speedup_vs_" + base.replace(" ", "_"): statistics.median(ratios),
-            "max_abs_dp_vs_ours_fp32": float((got - ref).abs().max()),
+            "accuracy_reference": reference_name, "max_abs_dp": float((got - ref).abs().max()),
             "top5_agreement": float(np.mean([len(set(a.tolist()) & set(b.tolist())) / TOP_K for a, b in zip(top, ref_top)])),
         })
     report = {"windows": len(windows), "timed_rounds": len(windows) - 1, "source": source, "baseline": base,
@@ -350,10 +366,10 @@ def format_cpu_table(report: dict) -> str:
     key = next(k for k in cpu["rows"][0] if k.startswith("speedup_vs_"))
     lines = [f"{report['machine']} — torch {report['torch']}; {cpu['cpu']}, {cpu['threads']} threads;"
              f" {cpu['timed_rounds']} timed rounds, paths interleaved; accuracy on {cpu['windows']} windows of {cpu['source']}",
-             f"| path | s per window (median) | vs {cpu['baseline']} | max |Δp| vs ours fp32 | top-5 agreement |",
+             f"| path | s per window (median) | vs {cpu['baseline']} | max |Δp| (against) | top-5 agreement |",
              "|---|---|---|---|---|"]
     for r in cpu["rows"]:
-        lines.append(f"| {r['path']} | {r['s_per_window']:.2f} | {r[key]:.2f}× | {r['max_abs_dp_vs_ours_fp32']:.4f} | {r['top5_agreement']:.3f} |")
+        lines.append(f"| {r['path']} | {r['s_per_window']:.2f} | {r[key]:.2f}× | {r['max_abs_dp']:.4f} ({r['accuracy_reference']}) | {r['top5_agreement']:.3f} |")
     trained = cpu.get("trained_model_accuracy")
     if trained:
         lines.append(f"\ntrained weights ({trained['model']}, {trained['labels']} labels), {trained['windows']} windows of "
@@ -409,9 +425,10 @@ def run_cpu(out: Path, model: Path | None, audio: list[Path], include_transforme
     threads = threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = model or random_checkpoint(Path(tmp) / "model")
-        result = bench_cpu(model_dir, audio, threads, include_transformers, accuracy_model=accuracy_model)
+        cheaper = None if model else random_checkpoint(Path(tmp) / "model-16-16", stride=16)
+        result = bench_cpu(model_dir, audio, threads, include_transformers, accuracy_model=accuracy_model, cheaper=cheaper)
     report = {"machine": machine_name(torch.device("cpu")), "torch": torch.__version__,
-              "model": str(model) if model else "random full-size 10-10, 527 labels",
+              "model": str(model) if model else "random full-size 10-10 (and 16-16), 527 labels",
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_paths": result}
     try:
         import onnxruntime

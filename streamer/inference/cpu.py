@@ -16,8 +16,9 @@ on AVX2. So the daemon decides at start, on the box it runs on:
    :data:`ACCURACY_BOUND` wins; one log line says which, how fast, how accurate, and on
    what CPU.
 
-A model whose fp32 window already costs under :data:`FAST_ENOUGH_S` keeps fp32 without
-trying the others (nothing to gain). The choice is cached next to the ONNX export (see :func:`cache_dir`) keyed by the CPU
+A model whose window costs under :data:`SMALL_MODEL_GFLOP` keeps fp32 without trying the
+others (nothing to gain; decided from the config, not a timing, so a busy box does not
+make a tiny model export). The choice is cached next to the ONNX export (see :func:`cache_dir`) keyed by the CPU
 model, its flags, the thread count, the checkpoint's hash and the runtime versions, so the
 next start is instant. The ONNX files are exported from our own model once per checkpoint
 (opset :data:`ONNX_OPSET`) and quantised with ``onnxruntime.quantization.quantize_dynamic``.
@@ -28,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import statistics
 import tempfile
@@ -49,9 +49,7 @@ log = logging.getLogger(__name__)
 ACCURACY_BOUND = 0.02  # largest |Δp| against fp32 that auto accepts
 CHECK_WINDOWS = 3  # windows of built-in audio each candidate scores at start (first one warms up)
 CHECK_SEED = 12  # the built-in audio is deterministic
-FAST_ENOUGH_S = 0.05  # fp32 this fast (< 5 % of a core at hop 1 s): nothing else is worth exporting
-FAST_CHECK_RUNS = 5
-SURELY_SLOW = 20  # a run this many times over FAST_ENOUGH_S: no need to try again
+SMALL_MODEL_GFLOP = 1.0  # a window this cheap (~10–50 ms in fp32 on any CPU): nothing is worth exporting
 ONNX_OPSET = 17
 SAMPLE_RATE = 16000
 CACHE_SUBDIR = ".streamer-cache"  # inside the checkpoint directory, when it is writable
@@ -314,8 +312,11 @@ class Choice:
     results: list[PathResult] = field(default_factory=list)
     cached: bool = False
     forward: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    reason: str = ""  # why no measurement was needed (small model)
 
     def log_line(self) -> str:
+        if self.reason:
+            return f"precision auto: {self.path}, {self.reason}; CPU {self.cpu}, {self.threads} threads"
         rejected = [r for r in self.results if r.path != self.path and (r.error or (r.max_abs_dp or 0) > ACCURACY_BOUND)]
         notes = "".join(
             f"; {r.path} {'failed: ' + r.error if r.error else f'rejected (max |Δp| {r.max_abs_dp:.3f})'}" for r in rejected
@@ -398,14 +399,18 @@ def _choice_file(directory: Path, features: CpuFeatures, threads: int) -> Path:
 
 
 def choose(loaded: LoadedModel, threads: int, features: CpuFeatures | None = None,
-           paths: list[str] | None = None, use_cache: bool = True, fast_enough_s: float | None = None) -> Choice:
+           paths: list[str] | None = None, use_cache: bool = True) -> Choice:
     """The fastest CPU path within :data:`ACCURACY_BOUND` of fp32 (cached per CPU + checkpoint).
 
-    A model whose fp32 window takes at most ``fast_enough_s`` (default
-    :data:`FAST_ENOUGH_S`; the best of a few runs) keeps fp32 at once: small models gain
-    nothing worth an export.
+    A model of at most :data:`SMALL_MODEL_GFLOP` per window keeps fp32 at once: small
+    models gain nothing worth an export.
     """
     features = features or cpu_features()
+    gflop = loaded.config.window_gflop()
+    if gflop <= SMALL_MODEL_GFLOP:
+        choice = Choice("fp32", 0.0, 0.0, 0.0, 0, features.describe(), threads, [PathResult("fp32", None, 0.0)])
+        choice.reason = f"a small model ({gflop:.2f} GFLOP per window): no other path tried"
+        return choice
     paths = paths or candidates(features)
     directory: Path | None = None
     try:
@@ -424,21 +429,6 @@ def choose(loaded: LoadedModel, threads: int, features: CpuFeatures | None = Non
         except (OSError, ValueError, TypeError) as exc:
             log.warning("precision auto: ignoring an unreadable cached choice %s: %s", record, exc)
     windows = check_windows(loaded)
-    fast = FAST_ENOUGH_S if fast_enough_s is None else fast_enough_s
-    cold = math.inf
-    with torch.inference_mode():
-        # the best of a few: the first call pays one-time set-up and a busy box preempts
-        # some runs; a run far over the limit settles it at once (big models pay one run)
-        for _ in range(FAST_CHECK_RUNS):
-            t0 = time.perf_counter()
-            loaded.model(windows[:1])
-            elapsed = time.perf_counter() - t0
-            cold = min(cold, elapsed)
-            if cold <= fast or elapsed > SURELY_SLOW * max(fast, 1e-3):
-                break
-    if cold <= fast:
-        log.info("precision auto: fp32 takes %.3f s per window, fast enough: no other path tried", cold)
-        return Choice("fp32", cold, cold, 0.0, 1, features.describe(), threads, [PathResult("fp32", cold, 0.0)])
     t0 = time.perf_counter()
     results, forwards = measure(loaded, paths, threads, directory, windows)
     fp32 = next(r for r in results if r.path == "fp32")

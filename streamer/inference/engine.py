@@ -148,7 +148,8 @@ class InferenceEngine:
 
                 self.choice = cpu.choose(loaded, self.threads)
                 precision = self.choice.path
-                self._speed[1] = self.choice.seconds_per_window
+                if self.choice.seconds_per_window > 0:  # measured (not a small model's shortcut)
+                    self._speed[1] = self.choice.seconds_per_window
                 log.info(self.choice.log_line())
         self.precision = precision
         if precision in ("int8", "onnx-fp32", "onnx-int8") and on_gpu:
