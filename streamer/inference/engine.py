@@ -164,6 +164,9 @@ class InferenceEngine:
             from streamer.inference import cpu
 
             onnx_forward = self.choice.forward if self.choice and self.choice.forward else cpu.build_forward(precision, loaded, self.threads)
+            # ONNX Runtime holds its own weights; ours would only take memory (the engine owns
+            # the model, and only its config is used from here on: probabilities)
+            model = model.to(device="meta")
         elif precision == "int8":
             model = quantize_int8(model)
         else:
