@@ -41,7 +41,7 @@ def real_stream() -> np.ndarray:
     parts = []
     for clip in real_clips(per_label=2):
         parts.append(read_audio(clip))
-        parts.append(rng.normal(0, 10 ** (-75 / 20), int(rng.integers(2, 14) * 16000)).astype(np.float32))
+        parts.append(rng.normal(0, 10 ** (-75 / 20), int(rng.integers(2, 30) * 16000)).astype(np.float32))
     return np.concatenate(parts)
 
 
@@ -125,3 +125,30 @@ def test_min_level_dbfs_setting():
     assert cfg.detect.min_level_dbfs == -45.5
     with pytest.raises(ConfigError, match="min_level_dbfs"):
         parse_config({"sources": [{"name": "a", "type": "file", "path": "x.wav"}], "detect": {"min_level_dbfs": "quiet"}})
+
+
+def test_window_gate_on_the_real_frontends_windows_counts_what_it_skips(real_stream):
+    """Windows made by the real scheduler from real clips with silence between them."""
+    from streamer.features.gate import WindowGate
+    from streamer.features.windows import StreamWindows
+    from streamer.model.config import FeatureConfig
+
+    level = -45.0
+    gate = WindowGate(level, keep_seconds=60)
+    stream = StreamWindows("room", FeatureConfig(), hop_frames=100)
+    admitted, skipped = [], []
+    rng = np.random.default_rng(3)
+    for part in np.split(real_stream, np.sort(rng.integers(0, len(real_stream), 300))):
+        gate.push("room", part)  # the gate sees the samples before the frontend makes windows of them
+        for w in stream.push(part):
+            (admitted if gate.admit(w) else skipped).append(w)
+    assert len(skipped) >= 20 and len(admitted) >= 20, (len(skipped), len(admitted))
+    assert gate.gated["room"] == len(skipped) and gate.admitted["room"] == len(admitted)
+    span = window_samples(1024)
+    for w in skipped:  # nothing above the level in any skipped window
+        assert sample_peak_dbfs(real_stream[w.start_sample:w.start_sample + span]) < level
+    for w in admitted:  # and what was scored did hold something near the level (blocks straddle edges)
+        b0 = w.start_sample // BLOCK_SAMPLES * BLOCK_SAMPLES
+        assert sample_peak_dbfs(real_stream[b0:w.start_sample + span + BLOCK_SAMPLES]) >= level
+    gate.min_level_dbfs = None  # a reload that turns the gate off: everything is scored, nothing counted
+    assert gate.admit(skipped[0]) and gate.gated["room"] == len(skipped)

@@ -117,3 +117,62 @@ class BlockLevels:
 def _peak(x: np.ndarray) -> float:
     peak = float(x.max())
     return 1.0 if math.isnan(peak) else peak
+
+
+class WindowGate:
+    """The gate for every stream of a pipeline: feed it samples, ask it about windows.
+
+    One :class:`BlockLevels` per stream; :meth:`admit` says whether a window is to be
+    scored and counts the ones that are not (``gated[stream]``), so that the pipeline
+    only has to skip them, publish the count (``streamer_windows_gated``) and hand the
+    smoother all-zero scores. ``min_level_dbfs`` may change at any time (a reload);
+    ``None`` turns the gate off (every window admitted, nothing counted). Called from one
+    thread (the ingest/frontend thread that also makes the windows): no locking.
+    """
+
+    def __init__(self, min_level_dbfs: float | None = None, keep_seconds: float = KEEP_SECONDS) -> None:
+        self.min_level_dbfs = min_level_dbfs
+        self.keep_seconds = keep_seconds
+        self._levels: dict[str, BlockLevels] = {}
+        self.gated: dict[str, int] = {}
+        self.admitted: dict[str, int] = {}
+
+    def _stream(self, stream: str) -> BlockLevels:
+        levels = self._levels.get(stream)
+        if levels is None:
+            levels = self._levels[stream] = BlockLevels(keep_seconds=self.keep_seconds)
+            self.gated.setdefault(stream, 0)
+            self.admitted.setdefault(stream, 0)
+        return levels
+
+    def push(self, stream: str, samples: np.ndarray) -> None:
+        """The stream's next 16 kHz mono samples: the same ones its frontend gets."""
+        self._stream(stream).push(samples)
+
+    def reset(self, stream: str, first_sample: int = 0) -> None:
+        """The stream restarts (as its window scheduler does) at ``first_sample``."""
+        self._stream(stream).reset(first_sample)
+
+    def remove(self, stream: str) -> None:
+        self._levels.pop(stream, None)
+
+    def level(self, stream: str, start_sample: int, samples: int) -> float:
+        """Loudest 100 ms block (dBFS) over ``samples`` samples from ``start_sample``."""
+        return self._stream(stream).loudest(start_sample, start_sample + max(1, samples))
+
+    def admit(self, window) -> bool:
+        """Whether to score ``window`` (a :class:`streamer.features.windows.Window`); counts it.
+
+        Its span is its real frames' samples (a short, padded last window is judged on
+        the audio it holds).
+        """
+        from streamer.features.fbank import window_samples
+
+        if self.min_level_dbfs is None:
+            return True
+        level = self.level(window.stream, window.start_sample, window_samples(max(1, window.frames)))
+        if gated(level, self.min_level_dbfs):
+            self.gated[window.stream] = self.gated.get(window.stream, 0) + 1
+            return False
+        self.admitted[window.stream] = self.admitted.get(window.stream, 0) + 1
+        return True
