@@ -171,3 +171,31 @@ def test_settings_precision_auto_is_the_default_and_hop_auto_parses():
         parse_config({**SOURCE, "hop": "fast"})
     with pytest.raises(ConfigError, match="precision"):
         parse_config({**SOURCE, "model": {"precision": "int4"}})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_precision_auto_on_a_gpu_is_bf16_and_onnx_paths_are_refused_there(tiny_checkpoint):
+    directory, _ = tiny_checkpoint(max_length=128)
+    engine = engine_for(directory, "auto", device="cuda")
+    assert engine.precision == "bf16" and engine.choice is None and engine.fused
+    for precision in ("int8", "onnx-fp32", "onnx-int8"):
+        with pytest.raises(StreamerError, match=f"precision {precision} is for the CPU"):
+            engine_for(directory, precision, device="cuda")
+
+
+def test_cpu_bench_measures_every_path_in_one_interleaved_run(tiny_checkpoint):
+    from conftest import real_clips
+    from streamer.benchmark import bench_cpu, format_cpu_table
+
+    directory, _ = tiny_checkpoint(max_length=1024, num_labels=527)
+    cheaper, _ = tiny_checkpoint(max_length=1024, num_labels=527, frequency_stride=16, time_stride=16, seed=1)
+    result = bench_cpu(directory, real_clips(per_label=1)[:4], threads=1, rounds=3, cheaper=cheaper)
+    names = [r["path"] for r in result["rows"]]
+    assert names[:2] == ["transformers fp32", "ours fp32"] and "ours onnx-int8" in names and "ours onnx-int8 16-16" in names
+    rows = {r["path"]: r for r in result["rows"]}
+    assert result["timed_rounds"] == 2 and all(r["s_per_window"] > 0 and r["speedup_vs_transformers_fp32"] > 0 for r in rows.values())
+    assert rows["transformers fp32"]["max_abs_dp"] <= 1e-4 and rows["ours onnx-fp32"]["max_abs_dp"] <= 1e-4
+    assert rows["ours onnx-int8 16-16"]["accuracy_reference"] == "ours fp32 16-16"
+    table = format_cpu_table({"machine": "here", "torch": torch.__version__, "cpu_paths": result})
+    assert "| ours onnx-int8 |" in table and "vs transformers fp32" in table
