@@ -129,10 +129,14 @@ def test_every_cpu_precision_scores_within_the_bound(tiny_checkpoint):
         assert engine.seconds_per_window(2) > 0
 
 
-def test_gpu_only_and_cpu_only_precisions_are_refused_clearly(tiny_checkpoint):
+def test_unknown_or_unavailable_precisions_are_refused_clearly(tiny_checkpoint, monkeypatch):
     directory, _ = tiny_checkpoint(max_length=64)
     with pytest.raises(StreamerError, match="unknown precision 'onnx'"):
         InferenceEngine(load_model(directory), "cpu", "onnx")
+    monkeypatch.setattr(cpu, "onnxruntime_available", lambda: False)  # as where it is not installed
+    with pytest.raises(StreamerError, match="precision onnx-int8 needs ONNX Runtime: pip install onnxruntime"):
+        InferenceEngine(load_model(directory), "cpu", "onnx-int8")
+    assert cpu.candidates(cpu.cpu_features())[-1] == "int8"  # auto then falls back to torch's int8
 
 
 def test_sustainable_and_auto_hop():

@@ -333,6 +333,8 @@ def build_forward(path: str, loaded: LoadedModel, threads: int, directory: Path 
     import copy
 
     if path in ONNX_PATHS:
+        if not onnxruntime_available():
+            raise StreamerError(f"precision {path} needs ONNX Runtime: pip install onnxruntime onnx (or use precision auto)")
         if directory is None:
             directory = cache_dir(loaded, model_hash(loaded))
         return OnnxForward(export_onnx(loaded, directory, int8=path == "onnx-int8"), threads)
