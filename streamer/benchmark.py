@@ -45,14 +45,15 @@ def machine_name(device: torch.device) -> str:
     return platform.processor()
 
 
-def random_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """A full-size AudioSet-shaped AST (10-10, 527 labels) with random weights."""
+def random_checkpoint(directory: Path, seed: int = 0, stride: int = 10) -> Path:
+    """A full-size AudioSet-shaped AST (10-10, or ``stride``-``stride``; 527 labels) with random weights."""
     from streamer.model.ast import AudioSpectrogramTransformer
     from streamer.model.checkpoint import LoadedModel, save_checkpoint
     from streamer.model.config import ASTConfig, FeatureConfig
 
     torch.manual_seed(seed)
-    config = ASTConfig(labels=tuple(f"label {i}" for i in range(527)), problem_type="multi_label_classification")
+    config = ASTConfig(labels=tuple(f"label {i}" for i in range(527)), problem_type="multi_label_classification",
+                       frequency_stride=stride, time_stride=stride)
     model = AudioSpectrogramTransformer(config)
     with torch.no_grad():  # ViT-like init: small weights, unit-scale tokens and positions
         for name, p in model.named_parameters():
@@ -237,9 +238,155 @@ def streams_at_hop(rows: list[dict], hop_s: float = HOP_SECONDS) -> int:
     return int(max(fits, default=0.0))
 
 
+CPU_ROUNDS = 12  # windows of real audio each CPU path scores (the first warms up, the rest are timed)
+
+
+def _real_windows(loaded, audio: list[Path], count: int, hop_frames: int) -> tuple[torch.Tensor, str]:
+    from streamer.capture.files import read_audio
+    from streamer.features.windows import StreamWindows
+
+    if audio:
+        samples = np.concatenate([read_audio(p) for p in audio])
+        source = f"{len(audio)} real recordings, {len(samples) / 16000:.0f} s"
+    else:
+        samples = np.random.default_rng(0).uniform(-0.3, 0.3, 16000 * 40).astype(np.float32)
+        source = "40 s of random audio"
+    stream = StreamWindows("bench", loaded.features, hop_frames=hop_frames)
+    windows = stream.push(samples) + stream.finish()
+    step = max(1, len(windows) // count)  # spread over the whole recording
+    picked = windows[::step][:count]
+    if len(picked) < count:  # short audio: the same windows again (timing needs the rounds)
+        source += f", {len(picked)} distinct windows repeated"
+        picked = [picked[i % len(picked)] for i in range(count)]
+    return torch.stack([w.features for w in picked]), source
+
+
+CHEAP_PATHS = ("fp32", "onnx-int8")  # measured on the cheaper (16-16) model too
+
+
+def cpu_paths(model_dir: Path, threads: int, include_transformers: bool, cheaper: Path | None = None) -> dict:
+    """Every CPU path, built once in this process: name → (B, T, F) features → logits.
+
+    With ``cheaper`` (a 16-16 checkpoint), its fp32 and onnx-int8 paths as well, named
+    ``… 16-16`` (their accuracy is against the 16-16 model's own fp32).
+    """
+    from streamer.inference import cpu
+    from streamer.model import load_model
+
+    loaded = load_model(model_dir)
+    features = cpu.cpu_features()
+    paths: dict = {}
+    probabilities: dict = {}
+    if include_transformers:
+        from transformers import ASTForAudioClassification
+
+        hf = ASTForAudioClassification.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+        paths["transformers fp32"] = lambda x: hf(x).logits
+    names = ["fp32", "int8"] + (["bf16"] if features.bf16_units else []) + (list(cpu.ONNX_PATHS) if cpu.onnxruntime_available() else [])
+    for name in names:
+        t0 = time.perf_counter()
+        paths[f"ours {name}"] = cpu.build_forward(name, loaded, threads)
+        log.info("built %s in %.1f s", name, time.perf_counter() - t0)
+    if cheaper is not None:
+        small = load_model(cheaper)
+        grid = f"{small.config.frequency_stride}-{small.config.time_stride}"
+        for name in CHEAP_PATHS:
+            paths[f"ours {name} {grid}"] = cpu.build_forward(name, small, threads)
+            probabilities[f"ours {name} {grid}"] = (small.model.probabilities, f"ours fp32 {grid}")
+    return {"paths": paths, "loaded": loaded, "features": features, "references": probabilities}
+
+
+def bench_cpu(model_dir: Path, audio: list[Path], threads: int, include_transformers: bool = True,
+              rounds: int = CPU_ROUNDS, accuracy_model: Path | None = None, cheaper: Path | None = None) -> dict:
+    """All CPU paths in one process, interleaved window by window, on real recordings.
+
+    Each round scores one window with every path in turn, so that other load on the
+    machine (it may be shared) hits every path alike; a path's speed is its median over
+    the timed rounds, and its ratio to transformers fp32 the median of the per-round
+    ratios. Accuracy: max |Δp| of every path against our fp32 over the same windows.
+    """
+    torch.set_num_threads(threads)
+    built = cpu_paths(model_dir, threads, include_transformers, cheaper)
+    paths, loaded, references = built["paths"], built["loaded"], built["references"]
+    windows, source = _real_windows(loaded, audio, rounds, hop_frames=100)
+    probs = loaded.model.probabilities
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    outs: dict[str, list[torch.Tensor]] = {name: [] for name in paths}
+    with torch.inference_mode():
+        for i in range(len(windows)):
+            for name, forward in paths.items():
+                t0 = time.perf_counter()
+                out = references.get(name, (probs,))[0](forward(windows[i:i + 1]))
+                elapsed = time.perf_counter() - t0
+                if i:
+                    times[name].append(elapsed)
+                outs[name].append(out[0])
+            print(f"round {i + 1}/{len(windows)}: " + ", ".join(f"{n} {times[n][-1]:.2f}" for n in paths if times[n]),
+                  file=sys.stderr, flush=True)
+    base = "transformers fp32" if "transformers fp32" in paths else "ours fp32"
+    rows = []
+    for name in paths:
+        got = torch.stack(outs[name])
+        reference_name = references.get(name, (None, "ours fp32"))[1]
+        ref = torch.stack(outs[reference_name])
+        ratios = [b / t for b, t in zip(times[base], times[name])]
+        top = got.topk(TOP_K, dim=1).indices
+        ref_top = ref.topk(TOP_K, dim=1).indices
+        rows.append({
+            "path": name, "s_per_window": statistics.median(times[name]), "min_s": min(times[name]),
+            "speedup_vs_" + base.replace(" ", "_"): statistics.median(ratios),
+            "accuracy_reference": reference_name, "max_abs_dp": float((got - ref).abs().max()),
+            "top5_agreement": float(np.mean([len(set(a.tolist()) & set(b.tolist())) / TOP_K for a, b in zip(top, ref_top)])),
+        })
+    report = {"windows": len(windows), "timed_rounds": len(windows) - 1, "source": source, "baseline": base,
+              "cpu": built["features"].describe(), "capability": built["features"].capability, "threads": threads,
+              "rows": rows}
+    if accuracy_model is not None:
+        report["trained_model_accuracy"] = cpu_accuracy(accuracy_model, audio, threads)
+    return report
+
+
+def cpu_accuracy(model_dir: Path, audio: list[Path], threads: int, count: int = 64) -> dict:
+    """max |Δp| against our fp32 for every CPU path, on a model with trained weights."""
+    from streamer.inference import cpu
+    from streamer.model import load_model
+
+    loaded = load_model(model_dir)
+    windows, source = _real_windows(loaded, audio, count, hop_frames=50)
+    probs = loaded.model.probabilities
+    names = ["fp32", "int8"] + (["bf16"] if cpu.cpu_features().bf16_units else []) + list(cpu.ONNX_PATHS)
+    out: dict = {"model": str(model_dir), "windows": len(windows), "source": source, "labels": len(loaded.labels), "paths": {}}
+    with torch.inference_mode():
+        ref = probs(loaded.model(windows))
+        for name in names:
+            forward = cpu.build_forward(name, loaded, threads)
+            got = torch.cat([probs(forward(windows[i:i + 1])) for i in range(len(windows))])
+            out["paths"][name] = float((got - ref).abs().max())
+    return out
+
+
+def format_cpu_table(report: dict) -> str:
+    cpu = report["cpu_paths"]
+    key = next(k for k in cpu["rows"][0] if k.startswith("speedup_vs_"))
+    lines = [f"{report['machine']} — torch {report['torch']}; {cpu['cpu']}, {cpu['threads']} threads;"
+             f" {cpu['timed_rounds']} timed rounds, paths interleaved; accuracy on {cpu['windows']} windows of {cpu['source']}",
+             f"| path | s per window (median) | vs {cpu['baseline']} | max |Δp| (against) | top-5 agreement |",
+             "|---|---|---|---|---|"]
+    for r in cpu["rows"]:
+        lines.append(f"| {r['path']} | {r['s_per_window']:.2f} | {r[key]:.2f}× | {r['max_abs_dp']:.4f} ({r['accuracy_reference']}) | {r['top5_agreement']:.3f} |")
+    trained = cpu.get("trained_model_accuracy")
+    if trained:
+        lines.append(f"\ntrained weights ({trained['model']}, {trained['labels']} labels), {trained['windows']} windows of "
+                     f"{trained['source']}: " + ", ".join(f"{p} {d:.4f}" for p, d in trained["paths"].items()))
+    return "\n".join(lines)
+
+
 def run(device: str, out: Path, model: Path | None, audio: list[Path], include_transformers: bool = True,
-        compile: bool = False, threads: int | None = None, timeout: float = 900) -> dict:
+        compile: bool = False, threads: int | None = None, timeout: float = 900,
+        accuracy_model: Path | None = None) -> dict:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if dev.type == "cpu":
+        return run_cpu(out, model, audio, include_transformers, threads, accuracy_model)
     if include_transformers:
         try:
             import transformers  # noqa: F401
@@ -267,6 +414,35 @@ def run(device: str, out: Path, model: Path | None, audio: list[Path], include_t
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
+    return report
+
+
+def run_cpu(out: Path, model: Path | None, audio: list[Path], include_transformers: bool = True,
+            threads: int | None = None, accuracy_model: Path | None = None) -> dict:
+    """``streamer bench --device cpu``: every CPU path against transformers fp32, in one process."""
+    if include_transformers:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            log.warning("transformers is not installed: measuring our paths against our fp32")
+            include_transformers = False
+    threads = threads or torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = model or random_checkpoint(Path(tmp) / "model")
+        cheaper = None if model else random_checkpoint(Path(tmp) / "model-16-16", stride=16)
+        result = bench_cpu(model_dir, audio, threads, include_transformers, accuracy_model=accuracy_model, cheaper=cheaper)
+    report = {"machine": machine_name(torch.device("cpu")), "torch": torch.__version__,
+              "model": str(model) if model else "random full-size 10-10 (and 16-16), 527 labels",
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_paths": result}
+    try:
+        import onnxruntime
+
+        report["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_cpu_table(report))
     return report
 
 

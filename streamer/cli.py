@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--events-out", type=Path, metavar="FILE.jsonl", help="write ON/OFF events, one JSON object a line")
     detect.add_argument("--config", type=Path, metavar="FILE.yaml", help="take event settings from this config's detect section")
     detect.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto: a GPU if there is one)")
-    detect.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"], help="inference precision (default fp32; int8 is CPU only)")
+    detect.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16", "int8", "onnx-fp32", "onnx-int8"],
+                        help="inference precision (default fp32; auto: the fastest within 0.02 of fp32 here; int8, onnx-* are CPU only)")
     detect.add_argument("--batch", type=_positive_int, default=8, help="windows per forward pass (default 8)")
     detect.add_argument("--threads", type=_positive_int, help="CPU threads for inference (default: torch's choice)")
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-transformers", action="store_true", help="measure our engine alone")
     bench.add_argument("--compile", action="store_true", help="also measure bf16 with torch.compile (GPU)")
     bench.add_argument("--threads", type=_positive_int, help="CPU threads")
+    bench.add_argument("--accuracy-model", type=Path, help="CPU: also measure every path's accuracy on this (trained) checkpoint")
     return parser
 
 
@@ -131,7 +133,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             raise ConfigError([f"{args.config}: detect: no targets: detect.include matches none of the model's "
                                f"{len(labels)} labels (see `streamer labels`)"])
         checked = f"{len(targets)} target(s), targets checked against the model's {len(labels)} labels"
-    print(f"{args.config}: OK — {len(config.sources)} source(s), hop {config.hop} s, "
+    print(f"{args.config}: OK — {len(config.sources)} source(s), hop {'auto' if config.hop_auto else f'{config.hop} s'}, "
           f"MQTT {'on' if config.mqtt else 'off'}, model {config.model.path}; {checked}")
     return 0
 
@@ -241,7 +243,8 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from streamer.benchmark import run
 
-    run(args.device, args.out, args.model, args.audio, not args.no_transformers, args.compile, args.threads)
+    run(args.device, args.out, args.model, args.audio, not args.no_transformers, args.compile, args.threads,
+        accuracy_model=args.accuracy_model)
     return 0
 
 

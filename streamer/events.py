@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 COMBINE = ("max", "noisy_or")
 SMOOTHING = ("none", "ema", "median")
+MIN_LEVEL_RANGE_DBFS = (-120.0, 0.0)  # detect.min_level_dbfs: what a float sample can express
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,9 @@ class DetectSettings:
     include: tuple[str, ...] = ("*",)  # label patterns (fnmatch, case-insensitive) that are targets
     exclude: tuple[str, ...] = ()
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # silence gate (streamer.features.gate): a window whose loudest 100 ms block is below this
+    # level (dBFS) is not scored and counts as silence; None = every window is scored
+    min_level_dbfs: float | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, where: str = "detect") -> "DetectSettings":
@@ -104,7 +108,13 @@ class DetectSettings:
         raw = raw or {}
         if not isinstance(raw, dict):
             raise StreamerError(f"{where}: expected a mapping")
-        _known(raw, {"defaults", "groups", "include", "exclude", "targets"}, where)
+        _known(raw, {"defaults", "groups", "include", "exclude", "targets", "min_level_dbfs"}, where)
+        min_level = raw.get("min_level_dbfs")
+        if min_level is not None and (isinstance(min_level, bool) or not isinstance(min_level, (int, float))
+                                      or not MIN_LEVEL_RANGE_DBFS[0] <= min_level <= MIN_LEVEL_RANGE_DBFS[1]):
+            raise StreamerError(f"{where}.min_level_dbfs: expected a level in dBFS from {MIN_LEVEL_RANGE_DBFS[0]:g}"
+                                f" to {MIN_LEVEL_RANGE_DBFS[1]:g} (e.g. -50), or nothing to score every window;"
+                                f" got {min_level!r}")
         knobs = set(TargetSettings.__dataclass_fields__)
         defaults_raw = raw.get("defaults") or {}
         if not isinstance(defaults_raw, dict):
@@ -141,7 +151,8 @@ class DetectSettings:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise StreamerError(f"{where}.{key}: expected a list of label patterns")
             patterns[key] = tuple(value)
-        return cls(defaults=defaults, groups=groups, overrides=overrides, **patterns)
+        return cls(defaults=defaults, groups=groups, overrides=overrides, **patterns,
+                   min_level_dbfs=None if min_level is None else float(min_level))
 
     def targets(self, labels: tuple[str, ...]) -> list[Target]:
         """Groups first, then every label matched by include and not by exclude."""

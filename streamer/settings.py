@@ -27,6 +27,7 @@ from streamer.sinks.mqtt import MqttSettings, TlsSettings
 
 DEFAULT_CONFIG = Path("config/streamer.yaml")
 HOP_MIN_S, HOP_MAX_S = 0.1, 10.0
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8", "onnx-fp32", "onnx-int8")  # as inference.engine.PRECISIONS
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KiB; anything past 1 MiB is a mistake (or /dev/zero)
 STATE_DIR_DEFAULT = "state"  # relative to $STATE_DIRECTORY (systemd) or to the config file's directory
@@ -48,7 +49,7 @@ class ConfigError(StreamerError):
 class ModelConfig:
     path: str = "MIT/ast-finetuned-audioset-10-10-0.4593"
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"  # CPU: fastest path within 0.02 of fp32 (streamer.inference.cpu); GPU: bf16
     max_batch: int = 8
     max_wait_ms: float = 20.0
     threads: int | None = None
@@ -86,7 +87,8 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     sources: tuple[SourceConfig, ...] = ()
-    hop: float = 1.0
+    hop: float = 1.0  # with hop_auto, a placeholder until the engine's measured speed sets it
+    hop_auto: bool = False  # `hop: auto`: the smallest hop >= 0.5 s the box sustains (streamer.inference.capacity)
     ring_seconds: float = 30.0
     detect: DetectSettings = field(default_factory=DetectSettings)
     mqtt: MqttSettings | None = None
@@ -348,7 +350,7 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
     model = ModelConfig(
         path=overrides.get("model") or check.typed(m, "path", str, ("model",), ModelConfig.path),
         device=check.typed(m, "device", str, ("model",), "auto"),
-        precision=check.typed(m, "precision", str, ("model",), "fp32", choices=("fp32", "bf16", "fp16", "int8")),
+        precision=check.typed(m, "precision", str, ("model",), "auto", choices=PRECISION_CHOICES),
         max_batch=check.typed(m, "max_batch", int, ("model",), 8, 1, 1024),
         max_wait_ms=float(check.typed(m, "max_wait_ms", (int, float), ("model",), 20.0, 0, 10_000)),
         threads=check.typed(m, "threads", int, ("model",), None, 1, 1024),
@@ -394,8 +396,14 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
                 realtime=check.typed(s, "realtime", bool, p, True), loop=check.typed(s, "loop", bool, p, False),
             ))
 
-    hop = overrides.get("hop") or check.typed(raw, "hop", (int, float), (), 1.0, HOP_MIN_S, HOP_MAX_S)
-    if abs(round(hop * 100) - hop * 100) > 1e-6:
+    raw_hop = overrides.get("hop") or raw.get("hop")
+    hop_auto = raw_hop == "auto"
+    hop = 1.0
+    if isinstance(raw_hop, str) and not hop_auto:
+        check.error(("hop",), f"expected a number of seconds ({HOP_MIN_S}–{HOP_MAX_S}) or auto, got {raw_hop!r}")
+    elif not hop_auto:
+        hop = overrides.get("hop") or check.typed(raw, "hop", (int, float), (), 1.0, HOP_MIN_S, HOP_MAX_S)
+    if not hop_auto and abs(round(hop * 100) - hop * 100) > 1e-6:
         check.error(("hop",), f"{hop} is not a whole number of 10 ms frames")
 
     try:
@@ -489,6 +497,6 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
     level_interval = float(check.typed(raw, "level_interval", (int, float), (), 10.0, 0.1, 86400))
     if check.problems:
         raise ConfigError(check.problems)
-    return Config(model=model, sources=tuple(sources), hop=float(hop), detect=detect, mqtt=mqtt, console=console,
+    return Config(model=model, sources=tuple(sources), hop=float(hop), hop_auto=hop_auto, detect=detect, mqtt=mqtt, console=console,
                   log_level=level, ring_seconds=ring_seconds,
                   level_interval_s=level_interval, metrics=metrics, clips=clips, state_dir=state_dir, journal=journal)

@@ -34,10 +34,14 @@ def assert_parity(directory, hf_model, batch: int = 2, seed: int = 1) -> None:
         dict(max_length=160, frequency_stride=12, time_stride=12),
         dict(max_length=160, frequency_stride=14, time_stride=14),
         dict(max_length=160, frequency_stride=12, time_stride=14, qkv_bias=False),
+        dict(max_length=150, frequency_stride=16, time_stride=10),
+        dict(max_length=120, frequency_stride=13, time_stride=7),
+        dict(max_length=64, frequency_stride=6, time_stride=8),
         dict(max_length=96, num_mel_bins=64, hidden_act="gelu_new", num_labels=1),
         dict(max_length=128, num_labels=35),
     ],
-    ids=["10-10", "16-16", "12-12", "14-14", "12-14-nobias", "64mel-gelu_new", "35-labels"],
+    ids=["10-10", "16-16", "12-12", "14-14", "12-14-nobias", "16-10", "13-7", "6-8-overlap", "64mel-gelu_new",
+         "35-labels"],
 )
 def test_tiny_models_match_transformers(tiny_checkpoint, fmt, config):
     directory, hf_model = tiny_checkpoint(fmt=fmt, **config)

@@ -5,8 +5,10 @@ of normalised windows into probabilities. On a GPU it keeps the weights in bf16/
 uses SDPA's fused attention kernels, stages input in one pinned host buffer (one copy per
 batch) and replays a CUDA graph captured for each of a fixed set of batch sizes, padding
 a batch up to the nearest one, so the per-batch host cost is a handful of calls whatever
-the batch holds. On the CPU it runs fp32, bf16, or int8 (dynamic quantisation of the
-Linear layers).
+the batch holds. On the CPU it runs fp32, bf16, int8 (dynamic quantisation of the Linear layers), or our
+model exported to ONNX Runtime in fp32 or int8 (:mod:`streamer.inference.cpu`);
+``precision: auto`` picks the fastest of those within 0.02 of fp32 on the CPU it runs on
+(and bf16 on a GPU).
 
 :class:`InferenceWorker` is the thread that serves every live stream with one engine; the
 offline ``detect`` command calls the same engine directly.
@@ -33,8 +35,12 @@ from streamer.features.windows import Window
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "onnx-fp32", "onnx-int8")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32,
+           "onnx-fp32": torch.float32, "onnx-int8": torch.float32}
+GPU_AUTO_PRECISION = "bf16"
+PER_WINDOW_PRECISIONS = ("int8", "onnx-int8")  # dynamic quantisation: scales depend on the whole batch
+SPEED_RUNS = 2  # timed batches behind seconds_per_window (after a warm one)
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_WAIT_MS = 20.0
 GRAPH_WARMUP_RUNS = 3
@@ -115,34 +121,62 @@ class InferenceEngine:
         compile: bool = False,
         fused: bool | None = None,
     ) -> None:
+        """``precision`` ``auto``: bf16 on a GPU; on the CPU the fastest path within 0.02 of fp32
+        (timed and checked at start, cached; see :func:`streamer.inference.cpu.choose`), logged
+        in one line and kept in :attr:`choice`."""
         if precision not in PRECISIONS:
             raise StreamerError(f"unknown precision {precision!r} (use one of {', '.join(PRECISIONS)})")
         if max_batch < 1:
             raise StreamerError(f"max_batch must be at least 1, got {max_batch}")
         self.loaded = loaded
         self.device = resolve_device(device)
-        self.precision = precision
         self.max_batch = max_batch
         self.stats = EngineStats()
-        if threads:
-            torch.set_num_threads(threads)
+        self._speed: dict[int, float] = {}
         on_gpu = self.device.type == "cuda"
-        if precision == "int8" and on_gpu:
-            raise StreamerError("precision int8 is for the CPU; on a GPU use bf16 or fp16")
+        if threads:  # set once, here: torch's pool and ONNX Runtime's sessions use the same count
+            torch.set_num_threads(threads)
+        self.threads = threads or torch.get_num_threads()
+        self.choice = None
+        if precision == "auto":
+            if on_gpu:
+                precision = GPU_AUTO_PRECISION
+                log.info("precision auto: %s on %s", precision, self.device)
+            else:
+                from streamer.inference import cpu
+
+                self.choice = cpu.choose(loaded, self.threads)
+                precision = self.choice.path
+                if self.choice.seconds_per_window > 0:  # measured (not a small model's shortcut)
+                    self._speed[1] = self.choice.seconds_per_window
+                log.info(self.choice.log_line())
+        self.precision = precision
+        if precision in ("int8", "onnx-fp32", "onnx-int8") and on_gpu:
+            raise StreamerError(f"precision {precision} is for the CPU; on a GPU use bf16 or fp16 (or auto)")
         self.dtype = _DTYPES[precision]
         shape = (loaded.features.max_length, loaded.features.num_mel_bins)
         self._shape = shape
 
         model = loaded.model.eval()  # the engine owns it from here on (no second copy in memory)
-        if precision == "int8":
+        onnx_forward = None
+        if precision in ("onnx-fp32", "onnx-int8"):
+            from streamer.inference import cpu
+
+            onnx_forward = self.choice.forward if self.choice and self.choice.forward else cpu.build_forward(precision, loaded, self.threads)
+            # ONNX Runtime holds its own weights; ours would only take memory (the engine owns
+            # the model, and only its config is used from here on: probabilities)
+            model = model.to(device="meta")
+        elif precision == "int8":
             model = quantize_int8(model)
         else:
             model = model.to(device=self.device, dtype=self.dtype)
+        if self.choice is not None:
+            self.choice.forward = None  # the engine holds what it runs; no second reference
         self.model = model
         if fused is None:  # the fused path pays off where passes over memory dominate: half precision on a GPU
             fused = on_gpu and precision in ("bf16", "fp16") and not compile
         self.fused = fused
-        self._logits: Callable[[torch.Tensor], torch.Tensor] = FusedForward(model) if fused else model
+        self._logits: Callable[[torch.Tensor], torch.Tensor] = onnx_forward or (FusedForward(model) if fused else model)
         self._forward: Callable[[torch.Tensor], torch.Tensor] = self._probabilities
         if compile:
             # Inductor fuses the norms, bias+GELU and residual adds into the matmuls' neighbours;
@@ -253,7 +287,7 @@ class InferenceEngine:
         n = (staged if staged is not None else on_device).shape[0]
         host_out = self._host_out[slot][:n]
         if not self._on_gpu:
-            if self.precision == "int8":
+            if self.precision in PER_WINDOW_PRECISIONS:
                 # Dynamic quantisation scales each Linear input by its whole tensor's range, so
                 # a window's result would depend on its batch-mates: score each on its own.
                 host_out.copy_(torch.cat([self._forward(staged[i:i + 1]) for i in range(n)]))
@@ -296,3 +330,22 @@ class InferenceEngine:
     def score(self, windows: Sequence[Window]) -> np.ndarray:
         """Probabilities for a list of windows, in their order."""
         return self.predict([w.features for w in windows])
+
+    def seconds_per_window(self, batch: int = 1) -> float:
+        """Measured compute seconds per window when ``batch`` windows are scored together.
+
+        What :mod:`streamer.inference.capacity` needs to tell whether a hop is sustainable.
+        With ``precision: auto`` on the CPU the batch-1 figure is the one measured when the
+        path was chosen (no extra work at start); otherwise the first call times
+        ``SPEED_RUNS`` batches (after the warm-up), and the figure is kept.
+        """
+        batch = max(1, min(batch, self.max_batch))
+        if batch not in self._speed:
+            windows = torch.zeros((batch, *self._shape))
+            times = []
+            for _ in range(SPEED_RUNS):
+                t0 = time.perf_counter()
+                self.predict(windows)
+                times.append(time.perf_counter() - t0)
+            self._speed[batch] = min(times) / batch
+        return self._speed[batch]

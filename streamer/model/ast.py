@@ -114,6 +114,10 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, F)`` → ``(B, patches, hidden)``, patches in frequency-major order."""
+        if torch.onnx.is_in_onnx_export():
+            # exporters cannot express as_strided; the equivalent convolution is one ONNX Conv
+            conv = F.conv2d(x.transpose(1, 2).unsqueeze(1), self.weight, self.bias, self.strides)
+            return conv.flatten(2).transpose(1, 2)
         x = x.contiguous()
         batch, frames, bins = x.shape
         (fs, ts), (nf, nt), p = self.strides, self.grid, self.patch_size

@@ -86,6 +86,17 @@ class ASTConfig:
             return False
         return self.num_labels == 1 or self.num_labels >= MULTI_LABEL_MIN_LABELS
 
+    def window_gflop(self) -> float:
+        """Multiply-adds × 2 of one window's forward pass, in GFLOP (the full 10-10 AST: ~200).
+
+        Every layer's projections and MLP on every token plus attention's two token×token
+        products (the last layer's query-only shortcut ignored: an upper bound).
+        """
+        h, i, tokens = self.hidden_size, self.intermediate_size, self.num_patches + 2
+        per_layer = 2 * tokens * (4 * h * h + 2 * h * i) + 4 * tokens * tokens * h
+        embed = 2 * self.num_patches * self.patch_size**2 * h
+        return (self.num_hidden_layers * per_layer + embed) / 1e9
+
     def parameter_count(self) -> int:
         h, i, n = self.hidden_size, self.intermediate_size, self.num_hidden_layers
         per_layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
