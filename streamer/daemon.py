@@ -32,6 +32,10 @@ from streamer.model import load_model
 from streamer.sinks.console import ConsoleView, LinePrinter
 from streamer.sinks.mqtt import MqttPublisher
 from streamer.streams import StreamReader
+import numpy as np  # web (#13)
+from streamer.sinks.base import Level, Scores, SinkHub, SourceStatus  # web (#13)
+from streamer.sinks.history import HistoryStore, HistorySink  # web (#13)
+from streamer.sinks.web import SpectrogramTap, WebSink  # web (#13)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._lock = threading.Lock()
+        self.hub: SinkHub | None = None  # web (#13)
         self.raised = 0  # events (ON and OFF) handed to the sinks: counted, not kept, so memory stays flat
 
     # -- wiring ---------------------------------------------------------------------------
@@ -80,6 +85,8 @@ class Daemon:
         if self.metrics:
             self.metrics.events.labels(event.stream, event.target, event.state).inc()
         self.raised += 1
+        if self.hub:  # web (#13)
+            self.hub.publish(event)
         if self.mqtt:
             self.mqtt.publish_event(event)
         self.printer.event(event)
@@ -93,6 +100,8 @@ class Daemon:
             smoother = self.smoothers[window.stream]
             for event in smoother.update(window.start_sample, result.probabilities, window.wall_time):
                 self._sinks(event)
+            if self.hub:  # web (#13)
+                self._web_publish_result(result, smoother)
             if self.view:
                 self.view.update_scores(window.stream, self.labels, result.probabilities)
                 self.view.update_stream(window.stream, active=smoother.active_targets())
@@ -133,6 +142,7 @@ class Daemon:
         self.view = ConsoleView([s.name for s in self.sources]) if live else None
         self.printer = self.view or LinePrinter(as_json=mode == "json", stream=open(os.devnull, "w") if mode == "off" else None)
 
+        self.hub = self._web_start(loaded) if cfg.web.enabled else None  # web (#13), before the first result
         self.worker.start()
         for source, reader in zip(self.sources, self.readers):
             source.start()
@@ -142,7 +152,7 @@ class Daemon:
         if self.view:
             self.view.start()
         self.metrics_server = None
-        if self.metrics:
+        if self.metrics and not self.hub:  # with the web page on, /metrics and /healthz are served by it
             limit = max(STALL_SECONDS, 3 * cfg.hop + 20)
             self.metrics_server = MetricsServer(
                 self.metrics, lambda: not stalled(self.worker.last_progress, self._expecting_windows(), limit),
@@ -177,11 +187,15 @@ class Daemon:
                 state = source.state.value
                 if source_states.get(source.name) != state:
                     source_states[source.name] = state
+                    if self.hub:  # web (#13)
+                        self.hub.publish(SourceStatus(source.name, state, source.error))
                     if self.mqtt:
                         self.mqtt.publish_source_state(source.name, state)
             if self.metrics:
                 self._update_metrics()
             for source, reader in zip(self.sources, self.readers):
+                if self.hub:  # web (#13)
+                    self.hub.publish(Level(source.name, reader.level_dbfs, time.time()))
                 if self.view:
                     self.view.update_stream(source.name, state=source.state.value, level_dbfs=reader.level_dbfs,
                                             windows=reader.emitted, overruns=source.ring.lost)
@@ -218,6 +232,62 @@ class Daemon:
             m.mqtt_connected.set(1 if self.mqtt.connected else 0)
         if self.clips:
             m.clip_errors.set(self.clips.errors)
+
+    # -- web page (issue #13) --------------------------------------------------------------------
+    # One clearly marked block for the pipeline rewrite to port: a SinkHub with the WebSink and
+    # the HistorySink; Events are published in _sinks, Scores and Spectrogram rows in
+    # _on_result, Level and SourceStatus in _loop; the hub is closed in _shutdown.
+    def _web_start(self, loaded) -> SinkHub:
+        cfg = self.config
+        limit = max(STALL_SECONDS, 3 * cfg.hop + 20)
+        store = HistoryStore(cfg.web.history, max_age_s=cfg.web.history_days * 86400)
+        web = WebSink(cfg.web, loaded.labels, status=self._web_status,
+                      metrics=self.metrics.render if self.metrics else None,
+                      healthy=lambda: not stalled(self.worker.last_progress, self._expecting_windows(), limit),
+                      clips_dir=cfg.clips.directory if cfg.clips else None, history=store)
+        hub = SinkHub()
+        hub.add(web)
+        hub.add(HistorySink(store, on_change=web.history_changed), queue_items=100_000)
+        self._web, self._web_tap, self._web_targets = web, SpectrogramTap(), {}
+        web.start()
+        return hub.start()
+
+    def _web_publish_result(self, result: Result, smoother: EventSmoother) -> None:
+        window = result.window
+        meta = self._web_targets.get(window.stream)
+        if meta is None or meta[0] is not smoother:  # built once per smoother (a reload makes new ones)
+            settings = [t.settings for t in smoother.targets]
+            meta = self._web_targets[window.stream] = (
+                smoother, tuple(t.name for t in smoother.targets),
+                np.array([x.on_threshold for x in settings]), np.array([x.off_threshold for x in settings]))
+        _, names, on, off = meta
+        self.hub.publish(Scores(window.stream, window.start_sample, window.start_sample + smoother.window_samples,
+                                window.wall_time, result.probabilities, names, smoother.smoothed.copy(), on, off,
+                                tuple(smoother.active_targets())))
+        rows = self._web_tap.rows(window.stream, window.start_sample, window.features, window.frames)
+        if rows is not None:
+            self.hub.publish(rows)
+
+    def _web_status(self) -> dict:
+        """The box panel: sources, MQTT, counters, model (read from the web server's thread)."""
+        sources = [{"name": s.name, "type": s.kind, "state": s.state.value, "error": s.error,
+                    "level": round(r.level_dbfs, 1), "windows": r.emitted, "lost": s.lost, "restarts": s.stats.restarts}
+                   for s, r in zip(self.sources, self.readers)]
+        mqtt = {"state": "off"}
+        if self.mqtt:
+            mqtt = {"state": "connected" if self.mqtt.connected else (self.mqtt.last_error or "connecting"),
+                    "queue": self.mqtt.queue_length(), "dropped": self.mqtt.stats.dropped,
+                    "events_delivered": self.mqtt.stats.events_delivered}
+        shed = sum(int(v["shed"]) for v in self.hub.stats().values()) if self.hub else 0
+        counters = {"events": self.raised, "windows_skipped": self.worker.stats.skipped,
+                    "windows_gated": getattr(self.worker.stats, "gated", 0),
+                    "lost_samples": sum(s.lost for s in self.sources),
+                    "mqtt_dropped": self.mqtt.stats.dropped if self.mqtt else 0, "sink_items_shed": shed,
+                    "web_frames_dropped": self._web.dropped}
+        model = {"path": self.config.model.path, "device": str(self.engine.device), "precision": self.engine.precision,
+                 "labels": len(self.labels)}
+        return {"sources": sources, "mqtt": mqtt, "counters": counters, "model": model}
+    # -- end of the web block -----------------------------------------------------------------------
 
     def _expecting_windows(self) -> bool:
         return any(s.state.value == "running" for s in self.sources)
@@ -264,6 +334,8 @@ class Daemon:
             log.info("events: raised %d", self.raised)
         if self.clips:
             self.clips.close()
+        if self.hub:  # web (#13): the history gets the last OFFs, then the server stops
+            self.hub.close()
         if self.metrics_server:
             self.metrics_server.stop()
         log.info("stopped")
