@@ -291,6 +291,7 @@ class LiveState:
     def _event(self, e: Event) -> None:
         st = self._stream(e.stream)
         summary = {"id": e.id, "stream": e.stream, "target": e.target, "state": e.state, "labels": list(e.labels),
+                   "start_sample": e.start_sample, "end_sample": e.end_sample,
                    "start_time": e.start_time, "end_time": e.end_time, "peak": round(e.peak, 4),
                    "clip": Path(e.clip).name if e.clip else None, "closed_by": e.closed_by}
         if e.state == "ON":
@@ -405,17 +406,29 @@ class WebSink:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
         self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="web-io")
         self.port: int | None = None
 
     # -- the Sink protocol ---------------------------------------------------------------------
     def handle(self, item: SinkItem) -> None:
         self.state.apply(item, time.time())
+        if isinstance(item, Event):  # rare and what people wait for: pushed now, not at the next tick
+            self._wake_up()
 
     def history_changed(self) -> None:
         """The history store was written: pages refetch their table on the next frame."""
         with self.state.lock:
             self.state.history_rev += 1
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # the loop closed in between (shutting down)
+                pass
 
     def close(self) -> None:
         self.stop()
@@ -452,6 +465,7 @@ class WebSink:
 
     async def _main(self, ready: concurrent.futures.Future) -> None:
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
         app = self._app()
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -483,7 +497,11 @@ class WebSink:
     async def _tick(self) -> None:
         next_status = 0.0
         while True:
-            await asyncio.sleep(PUSH_INTERVAL_S)
+            try:  # every PUSH_INTERVAL_S, or at once for an event
+                await asyncio.wait_for(self._wake.wait(), PUSH_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
             now = time.time()
             if now >= next_status:
                 next_status = now + STATUS_INTERVAL_S

@@ -157,7 +157,7 @@ function setSeries(s, series) {
   const opts = {
     width: Math.max(200, holder.clientWidth || 300), height: 170,
     scales: {x: {time: true}, y: {range: [0, 1]}},
-    axes: [{stroke: "#aaa", grid: {stroke: "#333"}, ticks: {stroke: "#333"}},
+    axes: [{stroke: "#aaa", grid: {stroke: "#333"}, ticks: {stroke: "#333"}, values: clockTicks},
            {stroke: "#aaa", grid: {stroke: "#333"}, ticks: {stroke: "#333"}, size: 36}],
     legend: {live: false},
     cursor: {drag: {x: false, y: false}},
@@ -165,6 +165,13 @@ function setSeries(s, series) {
     hooks: {draw: [u => drawThresholds(u, s)]},
   };
   s.chart = new uPlot(opts, s.data, holder);
+}
+
+// the time axis as a clock (HH:MM, with seconds when the span is short): uPlot's default adds a date line
+function clockTicks(u, splits) {
+  const span = u.scales.x.max - u.scales.x.min;
+  const opts = span < 180 ? {hour: "2-digit", minute: "2-digit", second: "2-digit"} : {hour: "2-digit", minute: "2-digit"};
+  return splits.map(v => new Date(v * 1000).toLocaleTimeString([], opts));
 }
 
 // each target's on (dashed) and off (dotted) threshold, in its colour, across the plot
@@ -235,6 +242,7 @@ function onSnapshot(msg) {
 function onDelta(msg) {
   debug.frames++;
   for (const [name, d] of Object.entries(msg.streams)) applyStream(name, d, false);
+  for (const e of msg.events || []) mergeEvent(e);
   noteHistoryRev(msg.history_rev);
 }
 
@@ -295,9 +303,25 @@ async function loadHistory() {
   document.getElementById("history-empty").hidden = body.events.length > 0;
 }
 
+// a live event goes into the table at once; the refetch from the store that follows confirms it
+function mergeEvent(e) {
+  const f = new FormData(filters);
+  const t = e.start_time ?? Date.now() / 1000;
+  if ((f.get("stream") && f.get("stream") !== e.stream) || (f.get("target") && f.get("target") !== e.target)) return;
+  const since = epoch(f.get("since")), until = epoch(f.get("until"));
+  if ((since && t < +since) || (until && t > +until)) return;
+  const tbody = document.querySelector("#history-table tbody");
+  const same = [...tbody.children].find(tr => tr.dataset.id === e.id);
+  const fresh = row({...e, t, end_sample: e.state === "ON" ? null : e.end_sample});
+  if (e.state === "OFF" && same) same.replaceWith(fresh);
+  else if (!(e.state === "ON" && same && same.dataset.open === "1")) tbody.prepend(fresh);
+  document.getElementById("history-empty").hidden = true;
+}
+
 function row(e) {
   const tr = el("tr", {"data-id": e.id, "data-clip": e.clip || ""});
   const open = e.end_sample == null && e.closed_by == null;
+  tr.dataset.open = open ? "1" : "0";
   const length = open ? "ongoing" : e.closed_by === "interrupted" ? "interrupted"
     : e.start_time != null && e.end_time != null ? fmtDur(e.start_time, e.end_time)
     : ((e.end_sample - e.start_sample) / 16000).toFixed(1) + " s";
