@@ -81,6 +81,19 @@ class Reader(threading.Thread):
         conn.close()
 
 
+def web_cpu(port: int) -> tuple[float, float]:
+    """The web sink's own CPU seconds so far: (taking items in, the server thread)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    values = {}
+    for line in conn.getresponse().read().decode().splitlines():
+        if line.startswith("streamer_web_") and " " in line:
+            name, value = line.split(" ", 1)
+            values[name] = float(value)
+    conn.close()
+    return values.get("streamer_web_sink_cpu_seconds", float("nan")), values.get("streamer_web_server_cpu_seconds", float("nan"))
+
+
 def build_inputs(work: Path, streams: int, model: str | None) -> tuple[Path, list[Path]]:
     import soundfile as sf
 
@@ -147,15 +160,18 @@ def main() -> None:
                         r.start()
                     if clients:
                         wait_for(lambda: all(r.frames for r in readers), 10)
-                    c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+                    (s0, w0), c0, t0 = web_cpu(port), cpu_seconds(proc.pid), time.monotonic()
                     time.sleep(args.phase_seconds)
-                    c1, t1 = cpu_seconds(proc.pid), time.monotonic()
+                    (s1, w1), c1, t1 = web_cpu(port), cpu_seconds(proc.pid), time.monotonic()
                     got = sum(r.bytes for r in readers)
                     for r in readers:
                         r.stop.set()
                     phases.append({"clients": clients, "cpu_percent": 100 * (c1 - c0) / (t1 - t0),
+                                   "web_sink_percent": 100 * (s1 - s0) / (t1 - t0),
+                                   "web_server_percent": 100 * (w1 - w0) / (t1 - t0),
                                    "kib_per_s_per_client": got / 1024 / (t1 - t0) / max(1, clients)})
-                    print(f"  {clients:2d} clients: daemon {phases[-1]['cpu_percent']:6.1f} % of one core"
+                    print(f"  {clients:2d} clients: daemon {phases[-1]['cpu_percent']:6.1f} % of one core; web: taking items in "
+                          f"{phases[-1]['web_sink_percent']:.2f} %, server thread {phases[-1]['web_server_percent']:.2f} %"
                           + (f", {phases[-1]['kib_per_s_per_client']:.1f} KiB/s per client" if clients else ""), flush=True)
                     for r in readers:
                         r.join(5)
@@ -175,17 +191,25 @@ def main() -> None:
     base = np.mean([p["cpu_percent"] for p in phases if p["clients"] == 0])
     loaded = np.mean([p["cpu_percent"] for p in phases if p["clients"]])
     added = loaded - base
+    mean = lambda key, with_clients: float(np.mean([p[key] for p in phases if bool(p["clients"]) == with_clients]))
+    server_added = mean("web_server_percent", True) - mean("web_server_percent", False)
     result = {"machine": cpu_name(), "streams": args.streams, "clients": args.clients, "hop_s": args.hop,
               "phase_s": args.phase_seconds, "rounds": args.rounds, "phases": phases,
               "daemon_cpu_percent_no_clients": round(float(base), 2),
               "daemon_cpu_percent_with_clients": round(float(loaded), 2),
               "added_percent_of_one_core": round(float(added), 2), "frames_dropped": dropped,
+              "web_sink_percent": round(mean("web_sink_percent", False), 3),
+              "web_server_percent_no_clients": round(mean("web_server_percent", False), 3),
+              "web_server_percent_with_clients": round(mean("web_server_percent", True), 3),
+              "web_server_added_percent": round(server_added, 3),
               "budget_percent": BUDGET_PERCENT_OF_ONE_CORE, "within_budget": bool(added <= BUDGET_PERCENT_OF_ONE_CORE)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"{result['machine']}: {args.streams} streams, {args.clients} live pages add "
           f"{added:.2f} % of one core ({base:.1f} % → {loaded:.1f} %); budget {BUDGET_PERCENT_OF_ONE_CORE} %; "
           f"frames dropped {dropped:.0f}")
+    print(f"web server thread: {mean('web_server_percent', False):.2f} % → {mean('web_server_percent', True):.2f} % "
+          f"(+{server_added:.2f} %); taking items in: {mean('web_sink_percent', False):.2f} %")
 
 
 if __name__ == "__main__":

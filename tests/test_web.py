@@ -109,10 +109,10 @@ def test_config_refuses_a_lan_binding_without_a_token_and_never_shows_it():
 
 
 # ------------------------------------------------------------------------------------ the server
-def raw_get(port: int, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+def raw_get(port: int, path: str, headers: dict | None = None, host: str = "box") -> tuple[int, dict, bytes]:
     """One GET with the path sent exactly as given (no client-side normalisation of ``..``)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        lines = [f"GET {path} HTTP/1.1", "Host: box", "Connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
         s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         data = b""
         while chunk := s.recv(65536):
@@ -212,7 +212,7 @@ def test_a_stalled_browser_loses_frames_counted_and_never_slows_the_sink(tmp_pat
         stalled = socket.socket()
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.connect(("127.0.0.1", sink.port))
-        stalled.sendall(b"GET /api/live HTTP/1.1\r\nHost: box\r\n\r\n")
+        stalled.sendall(b"GET /api/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         sse_reader(sink.port, frames, stop)  # and a healthy one
         assert wait_for(lambda: len(sink._clients) == 2, 10)
         rows = np.random.default_rng(0).normal(0, 1, (300, 128)).astype(np.float16)  # big frames fill the socket fast
@@ -237,7 +237,9 @@ def test_a_stalled_browser_loses_frames_counted_and_never_slows_the_sink(tmp_pat
         assert wait_for(lambda: len(frames) > got + 4, 5), "the healthy browser stopped getting frames"
         assert slowest[0] < 0.05, f"handle() took {slowest[0] * 1000:.1f} ms with a stalled browser"
         assert any(kind == "snapshot" for _, kind, _ in frames)
-        status, _, body = raw_get(sink.port, "/metrics")
+        assert raw_get(sink.port, "/metrics", host="evil.example:80")[0] == 403  # DNS rebinding
+        assert raw_get(sink.port, "/healthz", host="evil.example")[0] == 200
+        status, _, body = raw_get(sink.port, "/metrics", host=f"localhost:{sink.port}")
         dropped = [line for line in body.decode().splitlines() if line.startswith("streamer_web_frames_dropped ")]
         assert len(dropped) == 1 and float(dropped[0].split()[1]) >= 3
         stalled.close()

@@ -359,6 +359,13 @@ class _Client:
     dropped: int = 0
 
 
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8765" → "::1")."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def _sse(kind: str, payload: dict) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'), allow_nan=False)}\n\n".encode()
 
@@ -393,6 +400,8 @@ class WebSink:
         self.unauthorized = 0  # requests refused for a missing or wrong token
         self.refused_paths = 0  # clip requests for something not a file inside the clips folder
         self.status_errors = 0  # box status reads that failed
+        self.sink_cpu_s = 0.0  # CPU time spent in handle() (the hub's thread for this sink)
+        self.loop_cpu_s = 0.0  # CPU time of the server's thread (encoding, sending, requests)
         r = self.registry = CollectorRegistry()
         for name, doc, read in (
                 ("streamer_web_frames_dropped", "Live frames not sent to a browser that lagged behind", lambda: self.dropped),
@@ -400,7 +409,9 @@ class WebSink:
                 ("streamer_web_clients", "Browsers on the live feed", lambda: len(self._clients)),
                 ("streamer_web_unauthorized", "Requests refused for a missing or wrong token", lambda: self.unauthorized),
                 ("streamer_web_refused_paths", "Clip requests outside the clips folder, refused", lambda: self.refused_paths),
-                ("streamer_web_status_errors", "Box status reads that failed", lambda: self.status_errors)):
+                ("streamer_web_status_errors", "Box status reads that failed", lambda: self.status_errors),
+                ("streamer_web_sink_cpu_seconds", "CPU time taking pipeline items into the live state", lambda: self.sink_cpu_s),
+                ("streamer_web_server_cpu_seconds", "CPU time of the web server's thread", lambda: self.loop_cpu_s)):
             Gauge(name, doc, registry=r).set_function(read)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -412,7 +423,9 @@ class WebSink:
 
     # -- the Sink protocol ---------------------------------------------------------------------
     def handle(self, item: SinkItem) -> None:
+        t0 = time.thread_time()
         self.state.apply(item, time.time())
+        self.sink_cpu_s += time.thread_time() - t0
         if isinstance(item, Event):  # rare and what people wait for: pushed now, not at the next tick
             self._wake_up()
 
@@ -502,6 +515,7 @@ class WebSink:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+            self.loop_cpu_s = time.thread_time()  # this thread's CPU so far (the loop runs on it alone)
             now = time.time()
             if now >= next_status:
                 next_status = now + STATUS_INTERVAL_S
@@ -595,7 +609,13 @@ class WebSink:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        if self._token is None or request.path == "/healthz":
+        if self._token is None:
+            # no token, so loopback only: refuse names other than loopback ones in Host, or a web
+            # page elsewhere could rebind its own name to 127.0.0.1 and read this one (DNS rebinding)
+            if not is_loopback(_host_name(request.host)) and request.path != "/healthz":
+                return web.Response(status=403, text="403: Forbidden (use http://127.0.0.1 or http://localhost)\n")
+            return await handler(request)
+        if request.path == "/healthz":
             return await handler(request)
         offered = None
         header = request.headers.get("Authorization", "")
