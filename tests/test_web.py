@@ -358,6 +358,7 @@ def card_number(page, stream: str, key: str) -> int:
     return int(page.get_attribute(f'article[data-stream="{stream}"]', f"data-{key}") or 0)
 
 
+@pytest.mark.slow  # about 45 s on 2 cores: waits for real-time events, restarts the daemon
 def test_page_in_a_real_browser_against_the_real_daemon(tmp_path, scenes):
     from playwright.sync_api import sync_playwright
 

@@ -6,6 +6,7 @@ const SCORE_SPAN_S = 600;        // the chart's span, as the server keeps it
 const LEVEL_FLOOR_DB = -90;      // the level meter's left end
 const SPECTRO_ROWS = 600;        // columns of the spectrogram canvas (one per row sent)
 const TOP_LABELS_SHOWN = 5;
+const CHART_MIN_SPAN_S = 60;     // a young chart still shows a minute
 const COLORS = ["#4cc9f0", "#f72585", "#ffd166", "#06d6a0", "#ff9f1c", "#b5179e", "#90be6d", "#e5e5e5"];
 
 const streams = new Map();       // name → {el, chart, data, targets, spectro, ...}
@@ -39,7 +40,7 @@ function fmtTime(t) {
   if (t == null) return "–";
   const d = new Date(t * 1000);
   const today = new Date().toDateString() === d.toDateString();
-  return today ? d.toLocaleTimeString() : d.toLocaleString();
+  return today ? d.toLocaleTimeString([], {hourCycle: "h23"}) : d.toLocaleString([], {hourCycle: "h23"});
 }
 function fmtDur(a, b) {
   if (a == null || b == null) return "…";
@@ -156,8 +157,9 @@ function setSeries(s, series) {
                                                    value: (u, v) => v == null ? "–" : v.toFixed(2)}));
   const opts = {
     width: Math.max(200, holder.clientWidth || 300), height: 170,
-    scales: {x: {time: true}, y: {range: [0, 1]}},
-    axes: [{stroke: "#aaa", grid: {stroke: "#333"}, ticks: {stroke: "#333"}, values: clockTicks},
+    // at least CHART_MIN_SPAN_S wide, so a fresh chart is not a blur of sub-second ticks
+    scales: {x: {time: true, range: (u, min, max) => [Math.min(min, max - CHART_MIN_SPAN_S), max]}, y: {range: [0, 1]}},
+    axes: [{stroke: "#aaa", grid: {stroke: "#333"}, ticks: {stroke: "#333"}, values: clockTicks, space: 70},
            {stroke: "#aaa", grid: {stroke: "#333"}, ticks: {stroke: "#333"}, size: 36}],
     legend: {live: false},
     cursor: {drag: {x: false, y: false}},
@@ -170,7 +172,8 @@ function setSeries(s, series) {
 // the time axis as a clock (HH:MM, with seconds when the span is short): uPlot's default adds a date line
 function clockTicks(u, splits) {
   const span = u.scales.x.max - u.scales.x.min;
-  const opts = span < 180 ? {hour: "2-digit", minute: "2-digit", second: "2-digit"} : {hour: "2-digit", minute: "2-digit"};
+  const opts = span < 180 ? {hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23"}
+                           : {hour: "2-digit", minute: "2-digit", hourCycle: "h23"};
   return splits.map(v => new Date(v * 1000).toLocaleTimeString([], opts));
 }
 
