@@ -240,7 +240,10 @@ class Daemon:
     def _web_start(self, loaded) -> SinkHub:
         cfg = self.config
         limit = max(STALL_SECONDS, 3 * cfg.hop + 20)
-        store = HistoryStore(cfg.web.history, max_age_s=cfg.web.history_days * 86400)
+        history = cfg.web.history
+        if not history.is_absolute() and os.environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory=
+            history = Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / history
+        store = HistoryStore(history, max_age_s=cfg.web.history_days * 86400)
         web = WebSink(cfg.web, loaded.labels, status=self._web_status,
                       metrics=self.metrics.render if self.metrics else None,
                       healthy=lambda: not stalled(self.worker.last_progress, self._expecting_windows(), limit),

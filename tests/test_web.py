@@ -181,6 +181,29 @@ def test_a_clip_is_served_with_ranges_for_the_audio_element(lan_server):
     assert status == 206 and body == b"fLaC"
 
 
+def test_history_api_filters_and_refuses_bad_numbers_in_one_line(lan_server):
+    store = lan_server.history
+    store.record(event("ON", t=1000.0))
+    store.record(event("ON", stream="hall", target="Glass", t=2000.0))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    status, _, body = raw_get(lan_server.port, "/api/history?stream=hall&since=1500", auth)
+    got = json.loads(body)
+    assert status == 200 and [e["target"] for e in got["events"]] == ["Glass"]
+    assert got["streams"] == ["hall", "kitchen"] and got["targets"] == ["Dog", "Glass"]
+    for bad in ("since=yesterday", "until=nan", "limit=inf"):
+        status, _, body = raw_get(lan_server.port, f"/api/history?{bad}", auth)
+        assert status == 400 and body.count(b"\n") == 1, bad
+
+
+def test_a_busy_port_is_one_clear_line(lan_server):
+    from streamer.errors import StreamerError
+
+    other = WebSink(WebSettings(enabled=True, host="0.0.0.0", port=lan_server.port, token=TOKEN), (), status=dict,
+                    metrics=None, healthy=lambda: True, clips_dir=None)
+    with pytest.raises(StreamerError, match=rf"web: cannot listen on 0\.0\.0\.0:{lan_server.port} .*; change web\.port"):
+        other.start()
+
+
 def sse_reader(port: int, frames: list, stop: threading.Event) -> threading.Thread:
     def run():
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -235,7 +258,9 @@ def test_a_stalled_browser_loses_frames_counted_and_never_slows_the_sink(tmp_pat
         assert wait_for(lambda: sink.dropped >= 3, 20), "the stalled browser's frames should have been dropped"
         got = len(frames)
         assert wait_for(lambda: len(frames) > got + 4, 5), "the healthy browser stopped getting frames"
-        assert slowest[0] < 0.05, f"handle() took {slowest[0] * 1000:.1f} ms with a stalled browser"
+        # handle() never waits on a socket: a stalled reader would hold it for seconds; 0.25 s leaves room
+        # for a busy shared CPU (it is typically well under a millisecond)
+        assert slowest[0] < 0.25, f"handle() took {slowest[0] * 1000:.1f} ms with a stalled browser"
         assert any(kind == "snapshot" for _, kind, _ in frames)
         assert raw_get(sink.port, "/metrics", host="evil.example:80")[0] == 403  # DNS rebinding
         assert raw_get(sink.port, "/healthz", host="evil.example")[0] == 200
