@@ -274,6 +274,18 @@ def test_a_stalled_browser_loses_frames_counted_and_never_slows_the_sink(tmp_pat
         sink.close()
 
 
+def test_nan_scores_from_a_broken_model_still_give_valid_frames():
+    from streamer.sinks.web import LiveState
+
+    state = LiveState(("a", "b", "c"))
+    bad = np.array([np.nan, np.inf, 0.5], dtype=np.float32)
+    state.apply(Scores("s", 0, 1, 100.0, bad, ("a", "b"), bad[:2], np.array([0.5, np.nan]), np.array([0.3, 0.3])), 100.0)
+    state.apply(Level("s", float("-inf"), 100.0), 100.0)
+    for frame in (state.snapshot(101.0), state.delta(101.0)):
+        json.dumps(frame, allow_nan=False)  # raises on NaN/inf
+    assert state.snapshot(101.0)["streams"]["s"]["top"][0] == ["b", 1.0]
+
+
 def test_spectrogram_tap_gives_each_row_once_across_overlapping_windows():
     tap = SpectrogramTap()
     feats = np.arange(300 * 4, dtype=np.float32).reshape(300, 4)  # frame f's values start at 4f

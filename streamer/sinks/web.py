@@ -135,7 +135,9 @@ class SpectrogramTap:
 # Live state (written by the sink thread, read by the server loop)
 # --------------------------------------------------------------------------------------------
 def _round(values, digits: int = 3) -> list[float]:
-    return [round(float(v), digits) for v in values]
+    """JSON-safe: a NaN or inf (a broken model) becomes 0, never an unencodable frame."""
+    clean = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+    return [round(float(v), digits) for v in clean]
 
 
 def _quantise(rows: np.ndarray) -> np.ndarray:
@@ -269,13 +271,13 @@ class LiveState:
             st.count = min(st.count + 1, rows)
             st.new_points.append((t, values))
         del st.new_points[:-int(SCORE_HISTORY_S / SCORE_SPACING_S)]
-        probs = np.asarray(s.probabilities)
+        probs = np.nan_to_num(np.asarray(s.probabilities, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
         if len(probs):
             k = min(TOP_LABELS, len(probs))
             best = np.argpartition(-probs, k - 1)[:k]
             best = best[np.argsort(-probs[best])]
             names = self.labels
-            st.top = [[names[i] if i < len(names) else str(i), round(float(probs[i]), 3)] for i in best]
+            st.top = [[names[i] if i < len(names) else str(i), v] for i, v in zip(best, _round(probs[best]))]
             st.dirty.add("top")
         if len(st.targets) > CHART_TARGETS and now - st.chart_at >= CHART_RESELECT_S:
             st.chart_at = now
@@ -292,7 +294,7 @@ class LiveState:
         st = self._stream(e.stream)
         summary = {"id": e.id, "stream": e.stream, "target": e.target, "state": e.state, "labels": list(e.labels),
                    "start_sample": e.start_sample, "end_sample": e.end_sample,
-                   "start_time": e.start_time, "end_time": e.end_time, "peak": round(e.peak, 4),
+                   "start_time": e.start_time, "end_time": e.end_time, "peak": _round([e.peak], 4)[0],
                    "clip": Path(e.clip).name if e.clip else None, "closed_by": e.closed_by}
         if e.state == "ON":
             st.active[e.target] = summary
@@ -508,6 +510,20 @@ class WebSink:
 
     # -- the live feed ---------------------------------------------------------------------------
     async def _tick(self) -> None:
+        """Push loop; one bad frame is logged (rate-limited) and skipped, the feed goes on."""
+        failures = 0
+        while True:
+            try:
+                await self._push_forever()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                if failures == 1 or failures % 100 == 0:
+                    log.error("web: live frame failed (%d so far): %s", failures, exc)
+                await asyncio.sleep(PUSH_INTERVAL_S)
+
+    async def _push_forever(self) -> None:
         next_status = 0.0
         while True:
             try:  # every PUSH_INTERVAL_S, or at once for an event
