@@ -182,9 +182,11 @@ function drawThresholds(u, s) {
   const ctx = u.ctx, {left, width} = u.bbox;
   ctx.save();
   ctx.lineWidth = Math.max(1, devicePixelRatio);
+  // targets that share their thresholds share the lines too: drawn once, in grey
+  const shared = s.on.every(v => v === s.on[0]) && s.off.every(v => v === s.off[0]);
   s.targets.forEach((_, i) => {
-    if (!u.series[i + 1].show) return;
-    ctx.strokeStyle = COLORS[i % COLORS.length];
+    if (!u.series[i + 1].show || (shared && i > 0)) return;
+    ctx.strokeStyle = shared ? "#c8c8c8" : COLORS[i % COLORS.length];
     for (const [value, dash] of [[s.on[i], [6, 4]], [s.off[i], [2, 3]]]) {
       if (value == null) continue;
       const y = Math.round(u.valToPos(value, "y", true)) + 0.5;
