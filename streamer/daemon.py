@@ -30,7 +30,10 @@ from streamer.settings import Config, ConfigError, load_config
 from streamer.sinks.base import Level, SinkHub, SourceStatus
 from streamer.sinks.clips import ClipWriter
 from streamer.sinks.console import ConsoleView, LinePrinter
+from streamer.inference import capacity
+from streamer.sinks.history import HistorySink, HistoryStore
 from streamer.sinks.journal import EventJournal, JournalSink
+from streamer.sinks.web import WebSink
 from streamer.sinks.metrics import Metrics, MetricsServer, stalled
 from streamer.sinks.mqtt import MqttPublisher
 
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 LOOP_INTERVAL_S = 0.25
 STOP_TIMEOUT_S = 10.0
+HISTORY_LANE_ITEMS = 100_000  # events waiting for the page's history store
 JOURNAL_LANE_MIN_ITEMS = 10_000  # events waiting to be journaled (a burst of ONs), at least
 STALL_SECONDS = 30.0  # no window scored this long while sources run: unhealthy
 
@@ -114,6 +118,7 @@ class Daemon:
         live = mode == "live" or (mode == "auto" and sys.stdout.isatty())
         self.view = ConsoleView([s.name for s in self.sources], labels=self.labels) if live else None
         self.hub = SinkHub()
+        self.web = None
         if self.view:
             self.hub.add(self.view)
         elif mode != "off":
@@ -122,10 +127,13 @@ class Daemon:
         if self.journal:  # its own lane, as long as the journal: an event is never shed before it is journaled
             self.journal_sink = self.hub.add(JournalSink(self.journal, [self.mqtt.event_journaled]),
                                              queue_items=max(JOURNAL_LANE_MIN_ITEMS, cfg.journal.max_events))
-        self.pipeline = Pipeline(self.engine, self.sources, hop_to_frames(cfg.hop), targets, self.hub,
+        self.hop = self._choose_hop()
+        self._web_setup() if cfg.web.enabled else None
+        self.pipeline = Pipeline(self.engine, self.sources, hop_to_frames(self.hop), targets, self.hub,
                                  max_wait_ms=cfg.model.max_wait_ms, added_delay_s=cfg.model.added_delay_ms / 1000,
                                  on_event=self._on_event, on_window=self._on_window,
-                                 on_batch=self.metrics.batch.observe if self.metrics else None)
+                                 on_batch=self.metrics.batch.observe if self.metrics else None,
+                                 min_level_dbfs=cfg.detect.min_level_dbfs)
 
     def run(self) -> int:
         cfg = self.config
@@ -137,11 +145,10 @@ class Daemon:
         if self.view:
             self.view.start()
         self.metrics_server = None
-        if self.metrics:
-            limit = max(STALL_SECONDS, 3 * cfg.hop + 20)
-            self.metrics_server = MetricsServer(
-                self.metrics, lambda: not stalled(self.pipeline.last_progress, self._expecting_windows(), limit),
-                cfg.metrics.host, cfg.metrics.port).start()
+        if self.web:
+            self.web.start()  # the page, its live feed, /metrics and /healthz: one server
+        if self.metrics and not self.web:
+            self.metrics_server = MetricsServer(self.metrics, self._healthy, cfg.metrics.host, cfg.metrics.port).start()
         self._install_signals()
         notify("READY=1")
         notify(f"STATUS=listening to {len(self.sources)} source(s)")
@@ -181,7 +188,8 @@ class Daemon:
             for slot in self.pipeline.streams:
                 if self.view:
                     self.view.update_stream(slot.name, state=slot.source.state.value, level_dbfs=slot.level_dbfs,
-                                            windows=slot.windows, overruns=slot.source.ring.lost)
+                                            windows=slot.windows, overruns=slot.source.ring.lost,
+                                            gated=self.pipeline.gate.gated.get(slot.name, 0))
                 if level_due:
                     self.hub.publish(Level(slot.name, slot.level_dbfs, time.time()))
                     if self.mqtt:
@@ -201,6 +209,8 @@ class Daemon:
     def _update_metrics(self) -> None:
         m = self.metrics
         m.skipped.set(self.pipeline.worker.stats.skipped)
+        for name, count in self.pipeline.gate.gated.items():
+            m.gated.labels(name).set(count)
         m.pending.set(self.pipeline.worker.pending())
         for source in self.sources:
             m.lost.labels(source.name).set(source.lost)
@@ -228,6 +238,54 @@ class Daemon:
         if self.clips:
             m.clip_errors.set(self.clips.errors)
 
+    def _healthy(self) -> bool:
+        limit = max(STALL_SECONDS, 3 * self.hop + 20)
+        return not stalled(self.pipeline.last_progress, self._expecting_windows(), limit)
+
+    def _choose_hop(self) -> float:
+        """``hop: auto`` from the engine's measured speed; a hop the box cannot hold gets one warning."""
+        cfg, n = self.config, len(self.sources)
+        if not cfg.sources:
+            return cfg.hop
+        spw = self.engine.seconds_per_window(min(n, self.engine.max_batch))
+        hop = capacity.auto_hop(spw, n, self.engine.max_batch) if cfg.hop_auto else cfg.hop
+        if cfg.hop_auto:
+            log.info("hop auto: %.2f s (%d stream(s) × %.3f s per window on %s, 30%% headroom)",
+                     hop, n, spw, self.engine.precision)
+        if line := capacity.hop_warning(spw, n, hop, self.engine.max_batch, path=self.engine.precision):
+            log.warning(line)
+        return hop
+
+    # -- the web page (its sinks, and the box panel it shows) -------------------------------------
+    def _web_setup(self) -> None:
+        cfg = self.config
+        store = HistoryStore(cfg.web.history, max_age_s=cfg.web.history_days * 86400)
+        self.web = WebSink(cfg.web, self.labels, status=self._web_status,
+                           metrics=self.metrics.render if self.metrics else None, healthy=self._healthy,
+                           clips_dir=cfg.clips.directory if cfg.clips else None, history=store)
+        self.hub.add(self.web)
+        self.hub.add(HistorySink(store, on_change=self.web.history_changed), queue_items=HISTORY_LANE_ITEMS)
+
+    def _web_status(self) -> dict:
+        """The box panel: sources, MQTT, counters, model (read from the web server's thread)."""
+        worker = self.pipeline.worker
+        sources = [{"name": s.name, "type": s.source.kind, "state": s.source.state.value, "error": s.source.error,
+                    "level": round(s.level_dbfs, 1), "windows": s.windows, "lost": s.source.lost,
+                    "restarts": s.source.stats.restarts} for s in self.pipeline.streams]
+        mqtt = {"state": "off"}
+        if self.mqtt:
+            mqtt = {"state": "connected" if self.mqtt.connected else (self.mqtt.last_error or "connecting"),
+                    "queue": self.mqtt.queue_length(), "dropped": self.mqtt.stats.dropped,
+                    "events_delivered": self.mqtt.stats.events_delivered}
+        counters = {"events": self.raised, "windows_skipped": worker.stats.skipped, "windows_gated": worker.stats.gated,
+                    "lost_samples": sum(s.lost for s in self.sources),
+                    "mqtt_dropped": self.mqtt.stats.dropped if self.mqtt else 0,
+                    "sink_items_shed": sum(int(v["shed"]) for v in self.hub.stats().values()),
+                    "web_frames_dropped": self.web.dropped}
+        model = {"path": self.config.model.path, "device": str(self.engine.device), "precision": self.engine.precision,
+                 "labels": len(self.labels)}
+        return {"sources": sources, "mqtt": mqtt, "counters": counters, "model": model}
+
     def _expecting_windows(self) -> bool:
         return any(s.state.value == "running" for s in self.sources)
 
@@ -241,7 +299,7 @@ class Daemon:
         except (ConfigError, Exception) as exc:  # keep running on the old settings
             log.error("reload refused, keeping the old detect settings: %s", str(exc).replace("\n", "; "))
             return
-        self.pipeline.reload(targets)
+        self.pipeline.reload(targets, candidate.detect.min_level_dbfs)
         self.config = candidate
         if self.mqtt:  # Home Assistant's entities follow the reloaded targets
             self.mqtt.set_targets({s.name: [t.name for t in targets] for s in self.sources})

@@ -18,7 +18,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from streamer.constants import SAMPLE_RATE_HZ
 from streamer.events import Event, EventSmoother, Target
 from streamer.features.fbank import LEVEL_FLOOR_DBFS, dbfs, window_samples
 from streamer.features.frames import FrameBank, WindowRef
+from streamer.features.gate import WindowGate
 from streamer.inference.engine import InferenceEngine
 from streamer.inference.worker import IDLE_TICK_S, Worker
 from streamer.sinks.base import Scores, SinkHub, Spectrogram
@@ -36,7 +38,15 @@ from streamer.sinks.base import Scores, SinkHub, Spectrogram
 log = logging.getLogger(__name__)
 
 MAX_READ_SECONDS = 4.0  # audio one stream may bring into one feed: bounds the frontend's work per step
-SPECTROGRAM_STEP = 2  # live views get every 2nd frame (20 ms rows)
+SPECTROGRAM_STEP = 10  # live views get rows of 10 frames averaged (100 ms)
+
+
+class _GateWindow(NamedTuple):
+    """What the gate needs of a window."""
+
+    stream: str
+    start_sample: int
+    frames: int
 
 
 @dataclass
@@ -78,6 +88,7 @@ class Pipeline:
         on_window: Callable[[WindowRef, np.ndarray, float], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
         stop_when_done: bool = False,
+        min_level_dbfs: float | None = None,
     ) -> None:
         self.engine = engine
         self.labels = engine.labels
@@ -107,8 +118,11 @@ class Pipeline:
         self._want_scores = hub.wants(Scores)
         self._want_spectrogram = hub.wants(Spectrogram)
         self.set_targets(targets)
+        # the silence gate: fed the same samples as the frontend, asked about each due window
+        self.gate = WindowGate(min_level_dbfs)
         self.worker = Worker(engine, self._feed, self.frames.gather, self._deliver, max_wait_ms,
-                             active_streams=self._active_streams, lossless=lossless, added_delay_s=added_delay_s)
+                             active_streams=self._active_streams, lossless=lossless, added_delay_s=added_delay_s,
+                             admit=self._admit)
         for slot in self.streams:
             slot.source.on_data = self._marker(slot.index)
         self.ingest = Ingest()  # one thread drives every file and ffmpeg source (mics: PortAudio's callbacks)
@@ -137,8 +151,9 @@ class Pipeline:
                 why = reason or ("stream-end" if slot.source.state.value in ("ended", "failed") else "shutdown")
                 self._emit(slot.index, self.smoothers[slot.index].close_all(why))
 
-    def reload(self, targets: list[Target]) -> None:
+    def reload(self, targets: list[Target], min_level_dbfs: float | None = None) -> None:
         """New detect settings: open events close (reason ``reload``), the smoothers start afresh."""
+        self.gate.min_level_dbfs = min_level_dbfs
         with self._lock:
             for slot in self.streams:
                 self._emit(slot.index, self.smoothers[slot.index].close_all("reload"))
@@ -195,6 +210,9 @@ class Pipeline:
             if count > 0:
                 position, samples = ring.read(count)
                 if len(samples):
+                    if position != bank.runs[i].next_sample:  # a gap: the gate restarts with the frames
+                        self.gate.reset(slot.name, position)
+                    self.gate.push(slot.name, samples)
                     chunks.append((i, position, samples))
                     slot.level_dbfs = dbfs(samples)
             if finished and ring.available() == 0:
@@ -215,11 +233,24 @@ class Pipeline:
             worker.feeding_done = True
         return refs
 
+    def _admit(self, ref: WindowRef) -> bool:
+        """Whether the gate lets a window be scored (always, with the gate off)."""
+        if self.gate.min_level_dbfs is None:
+            return True
+        return self.gate.admit(_GateWindow(self.streams[ref.stream].name, ref.start_sample, ref.frames))
+
     def _publish_spectrogram(self, new_frames: list[tuple[int, torch.Tensor]]) -> None:
+        """Live views get rows of SPECTROGRAM_STEP frames averaged, aligned to the stream's frame count."""
         for stream, frames in new_frames:
-            rows = frames[::SPECTROGRAM_STEP].to("cpu", torch.float16).numpy()
             end = self.frames.runs[stream].frame_count
-            self.hub.publish(Spectrogram(self.streams[stream].name, rows, end, SPECTROGRAM_STEP))
+            first = end - frames.shape[0]
+            skip = (-first) % SPECTROGRAM_STEP
+            rows = (frames.shape[0] - skip) // SPECTROGRAM_STEP
+            if rows <= 0:
+                continue
+            block = frames[skip:skip + rows * SPECTROGRAM_STEP].reshape(rows, SPECTROGRAM_STEP, -1).mean(dim=1)
+            self.hub.publish(Spectrogram(self.streams[stream].name, block.to("cpu", torch.float16).numpy(),
+                                         first + skip + rows * SPECTROGRAM_STEP, SPECTROGRAM_STEP))
 
     # -- the results thread's side ------------------------------------------------------------------
     def _deliver(self, refs: list[WindowRef], probs: np.ndarray, latencies: list[float]) -> None:
@@ -241,7 +272,7 @@ class Pipeline:
                     stream=smoother.stream, start_sample=ref.start_sample, end_sample=ref.start_sample + self.window_span,
                     wall_time=ref.wall_time, probabilities=row, targets=self._target_names,
                     target_scores=smoother.smoothed.copy(), on_thresholds=self._on, off_thresholds=self._off,
-                    active=tuple(smoother.active_targets())))
+                    active=tuple(smoother.active_targets()), gated=not row.any()))
 
     def _emit(self, stream: int, events: list[Event]) -> None:
         for event in events:

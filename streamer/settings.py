@@ -24,6 +24,7 @@ from streamer.sinks.clips import ClipSettings
 from streamer.events import DetectSettings
 from streamer.sinks.journal import JOURNAL_FILE, JournalSettings
 from streamer.sinks.mqtt import MqttSettings, TlsSettings
+from streamer.sinks.web import WebSettings, is_loopback
 
 DEFAULT_CONFIG = Path("config/streamer.yaml")
 HOP_MIN_S, HOP_MAX_S = 0.1, 10.0
@@ -99,17 +100,20 @@ class Config:
     clips: ClipSettings | None = None
     state_dir: Path = Path(STATE_DIR_DEFAULT)
     journal: JournalSettings = field(default_factory=JournalSettings)
+    web: WebSettings = field(default_factory=WebSettings)
 
 
 SECTIONS = {"model", "sources", "hop", "ring_seconds", "detect", "mqtt", "console", "logging", "level_interval", "metrics", "clips",
-            "state_dir", "journal"}
+            "state_dir", "journal", "web"}
 JOURNAL_KEYS = {"path", "max_events", "max_days"}
 MODEL_KEYS = {"path", "device", "precision", "max_batch", "max_wait_ms", "threads", "added_delay_ms"}
 SOURCE_KEYS = {"name", "type", "device", "path", "url", "gain", "channels", "channel", "realtime", "loop"}
 MQTT_KEYS = {"enabled", "host", "port", "prefix", "instance", "client_id", "username", "password", "keepalive",
              "protocol", "tls", "queue_size", "homeassistant", "discovery_prefix", "event_expiry"}
 TLS_KEYS = {"ca", "cert", "key", "key_password", "insecure"}
-SECRET_KEYS = {"password", "key_password"}  # their values never appear in a message
+WEB_KEYS = {"enabled", "host", "port", "token", "history", "history_days"}
+WEB_TOKEN_MIN_CHARS = 16  # a guessable token on a LAN is no protection
+SECRET_KEYS = {"password", "key_password", "token"}  # their values never appear in a message
 
 
 class _Checker:
@@ -493,10 +497,25 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
         max_age_s=float(check.typed(jn, "max_days", (int, float), ("journal",), JournalSettings.max_age_s / 86400,
                                     0.001, 36500)) * 86400,
     )
+    # -- web (the page, its live feed, the history; /metrics and /healthz when enabled) --
+    w = check.keys(raw.get("web"), WEB_KEYS, ("web",))
+    web = WebSettings(
+        enabled=check.typed(w, "enabled", bool, ("web",), False),
+        host=check.typed(w, "host", str, ("web",), "127.0.0.1"),
+        port=check.typed(w, "port", int, ("web",), 8765, 0, 65535),
+        token=check.typed(w, "token", str, ("web",), None),
+        history=state_dir / _expand_user(Path(check.typed(w, "history", str, ("web",), "history.sqlite3") or "history.sqlite3")),
+        history_days=float(check.typed(w, "history_days", (int, float), ("web",), 30, 0.001, 36500)),
+    )
+    if web.token is not None and len(web.token) < WEB_TOKEN_MIN_CHARS:
+        check.error(("web", "token"), f"too short: use at least {WEB_TOKEN_MIN_CHARS} characters (not shown: a secret)")
+    if web.enabled and not web.token and not is_loopback(web.host):
+        check.error(("web", "host"), f"{web.host} is reachable from other machines: set web.token "
+                    "(e.g. ${STREAMER_WEB_TOKEN}) or bind 127.0.0.1")
     ring_seconds = float(check.typed(raw, "ring_seconds", (int, float), (), 30.0, 12, 3600))
     level_interval = float(check.typed(raw, "level_interval", (int, float), (), 10.0, 0.1, 86400))
     if check.problems:
         raise ConfigError(check.problems)
     return Config(model=model, sources=tuple(sources), hop=float(hop), hop_auto=hop_auto, detect=detect, mqtt=mqtt, console=console,
                   log_level=level, ring_seconds=ring_seconds,
-                  level_interval_s=level_interval, metrics=metrics, clips=clips, state_dir=state_dir, journal=journal)
+                  level_interval_s=level_interval, metrics=metrics, clips=clips, state_dir=state_dir, journal=journal, web=web)

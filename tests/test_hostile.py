@@ -84,6 +84,8 @@ VALID = {
              "queue_size": 100, "homeassistant": True, "tls": {"ca": "ca.pem", "insecure": False}},
     "console": {"mode": "lines"}, "logging": {"level": "info"},
     "metrics": {"enabled": True, "port": 9464}, "clips": {"enabled": True, "directory": "clips", "max_mb": 10},
+    "web": {"enabled": True, "host": "0.0.0.0", "port": 8765, "token": "a-token-of-20-chars!", "history": "h.sqlite3",
+            "history_days": 30},
 }
 
 

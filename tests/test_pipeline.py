@@ -280,3 +280,28 @@ def test_a_sink_that_blocks_costs_only_its_own_queue():
     hub.close(timeout=1.0)  # a sink stuck for good does not hold the shutdown beyond its budget
     assert time.monotonic() - t0 < 2.0
     stuck.release.set()
+
+
+def test_the_silence_gate_skips_quiet_windows_only_and_counts_them(tmp_path, tiny_checkpoint):
+    directory, _ = tiny_checkpoint(max_length=128)
+    engine = engine_for(directory, max_batch=4)
+    sound = real_samples(2.0, 30_000)
+    audio = np.concatenate([np.zeros(16000 * 4, np.float32), sound, np.zeros(16000 * 3, np.float32)])
+    path = write_wav(tmp_path / "quiet-loud-quiet.wav", audio)
+    collect = Collect()
+    hub = SinkHub()
+    hub.add(collect, queue_items=0)
+    pipeline = Pipeline(engine, [FileSource("q", path, realtime=False)], 25, DetectSettings().targets(engine.labels),
+                        hub, max_wait_ms=0, stop_when_done=True, min_level_dbfs=-60.0)
+    hub.start()
+    pipeline.start()
+    assert pipeline.wait(30)
+    hub.close()
+    span = (128 - 1) * 160 + 400
+    loud = {s.start_sample for s in collect.items if np.abs(audio[s.start_sample:s.start_sample + span]).max() > 1e-3}
+    gated = [s for s in collect.items if s.gated]
+    assert gated and loud  # both kinds exist in this file
+    assert all(s.start_sample not in loud for s in gated)  # nothing audible is skipped
+    assert all(not s.probabilities.any() for s in gated)  # the smoother took them as silence
+    assert all(s.probabilities.any() for s in collect.items if s.start_sample in loud)
+    assert pipeline.worker.stats.gated == len(gated) == pipeline.gate.gated["q"]

@@ -50,6 +50,7 @@ class WorkerStats:
     failed: int = 0  # windows lost to an inference error (each batch logged)
     batches: int = 0
     feed_errors: int = 0
+    gated: int = 0  # windows not scored: quieter than detect.min_level_dbfs
 
 
 class Worker:
@@ -65,6 +66,7 @@ class Worker:
         active_streams: Callable[[], int],
         lossless: frozenset[int] = frozenset(),
         added_delay_s: float = 0.0,
+        admit: Callable[[WindowRef], bool] | None = None,
     ) -> None:
         self.engine = engine
         self.feed = feed
@@ -73,6 +75,9 @@ class Worker:
         self.max_wait_s = max_wait_ms / 1000.0
         self.active_streams = active_streams
         self.lossless = lossless  # streams never skipped: they may hold up to max_batch windows each
+        # the silence gate: a window it refuses is not scored; it is delivered, in its stream's
+        # order, with all-zero probabilities (the smoother takes it as silence)
+        self.admit = admit
         # a rehearsal knob: every batch takes this much longer, to see overload handled
         # (skipped windows counted, latency bounded) and a stall caught by the watchdog
         self.added_delay_s = added_delay_s
@@ -136,17 +141,19 @@ class Worker:
     def _take(self, refs: list[WindowRef], now: float) -> None:
         for ref in refs:
             self.stats.submitted += 1
+            gated = self.admit is not None and not self.admit(ref)
+            self.stats.gated += gated
             held = self._pending.get(ref.stream)
             if held is None:
-                self._pending[ref.stream] = deque([(ref, now, now)])
+                self._pending[ref.stream] = deque([(ref, now, now, gated)])
                 self._count += 1
             elif ref.stream in self.lossless:
-                held.append((ref, held[-1][1], now))
+                held.append((ref, held[-1][1], now, gated))
                 self._count += 1
             else:
                 self.stats.skipped += 1
                 # the stream keeps its place in the queue; latency counts from this window's own due time
-                held[0] = (ref, held[0][1], now)
+                held[0] = (ref, held[0][1], now, gated)
 
     def _oldest(self) -> float:
         return min(held[0][1] for held in self._pending.values())
@@ -159,7 +166,7 @@ class Worker:
         return now - self._oldest() >= self.max_wait_s
 
     def _submit(self) -> None:
-        batch: list[tuple[WindowRef, float, float]] = []
+        batch: list[tuple[WindowRef, float, float, bool]] = []
         while len(batch) < self.engine.max_batch and self._pending:
             stream = min(self._pending, key=lambda s: self._pending[s][0][1])
             held = self._pending[stream]
@@ -168,19 +175,23 @@ class Worker:
             if not held:
                 del self._pending[stream]
         self._count -= len(batch)
-        refs = [ref for ref, _, _ in batch]
-        try:
-            pending = self.engine.submit(self.gather(refs))
-            if self.added_delay_s:  # as if the forward pass took that much longer
-                self._stop.wait(self.added_delay_s)
-        except Exception as exc:  # keep serving the other streams; the loss is logged and counted
-            log.error("inference failed for %d window(s): %s", len(refs), exc)
-            self.stats.failed += len(refs)
-            return
-        self.stats.batches += 1
+        refs = [ref for ref, _, _, _ in batch]
+        gated = [g for _, _, _, g in batch]
+        scored = [ref for ref, g in zip(refs, gated) if not g]
+        pending = None
+        if scored:
+            try:
+                pending = self.engine.submit(self.gather(scored))
+                if self.added_delay_s:  # as if the forward pass took that much longer
+                    self._stop.wait(self.added_delay_s)
+            except Exception as exc:  # keep serving the other streams; the loss is logged and counted
+                log.error("inference failed for %d window(s): %s", len(scored), exc)
+                self.stats.failed += len(scored)
+                return
+            self.stats.batches += 1
         with self._flight_lock:
             self._in_flight += 1
-        self._handoff.put((refs, [due for _, _, due in batch], pending))
+        self._handoff.put((refs, [due for _, _, due, _ in batch], pending, gated))
 
     def _score_loop(self) -> None:
         last_feed = 0.0
@@ -230,9 +241,15 @@ class Worker:
     # -- the results thread -----------------------------------------------------------------------------
     def _results_loop(self) -> None:
         while (item := self._handoff.get()) is not None:
-            refs, due, pending = item
+            refs, due, pending, gated = item
             try:
-                probs = self.engine.collect(pending)
+                scored = self.engine.collect(pending) if pending is not None else None
+                if not any(gated):
+                    probs = scored
+                else:  # gated windows: all-zero probabilities, in their places
+                    probs = np.zeros((len(refs), len(self.engine.labels)), dtype=np.float32)
+                    if scored is not None:
+                        probs[~np.asarray(gated)] = scored
             except Exception as exc:
                 log.error("inference failed for %d window(s): %s", len(refs), exc)
                 self.stats.failed += len(refs)
@@ -243,7 +260,7 @@ class Worker:
                 self.wake(data=False)
             done = time.monotonic()
             self.last_progress = done
-            self.stats.processed += len(refs)
+            self.stats.processed += len(refs) - sum(gated)
             try:
                 self.deliver(refs, probs, [done - t for t in due])
             except Exception:

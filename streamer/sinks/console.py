@@ -47,6 +47,7 @@ class StreamView:
     active: list[str] = field(default_factory=list)
     windows: int = 0
     skipped: int = 0
+    gated: int = 0
     overruns: int = 0
 
 
@@ -98,14 +99,14 @@ class ConsoleView:
     def render(self) -> Group:
         with self._lock:
             table = Table(title="streamer", expand=True)
-            for column in ("stream", "level", "heard", "events", "windows", "skipped", "overruns"):
+            for column in ("stream", "level", "heard", "events", "windows", "skipped", "gated", "overruns"):
                 table.add_column(column)
             for view in self.streams.values():
                 level = (view.level_dbfs - LEVEL_FLOOR_DBFS) / -LEVEL_FLOOR_DBFS
                 heard = "\n".join(f"{bar(p, 10)} {p:.2f} {label}" for label, p in view.top) or "…"
                 table.add_row(
                     f"{view.name}\n[dim]{view.state}[/dim]", f"{bar(level, 12)}\n{view.level_dbfs:.0f} dBFS", heard,
-                    ", ".join(view.active) or "–", str(view.windows), str(view.skipped), str(view.overruns),
+                    ", ".join(view.active) or "–", str(view.windows), str(view.skipped), str(view.gated), str(view.overruns),
                 )
             footer = Text(f"MQTT: {self.mqtt_state}" + (f", queue {self.mqtt_queue}" if self.mqtt_queue is not None else ""))
             recent = Text("\n".join(self.recent), style="dim")

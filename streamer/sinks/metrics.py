@@ -35,6 +35,7 @@ class Metrics:
         self.audio_latency = Histogram("streamer_window_latency_seconds", "Window's last sample captured → its scores delivered",
                                        buckets=AUDIO_LATENCY_BUCKETS_S, registry=r)
         self.batch = Histogram("streamer_batch_size", "Windows per forward pass", buckets=BATCH_BUCKETS, registry=r)
+        self.gated = Gauge("streamer_windows_gated", "Windows not scored: quieter than detect.min_level_dbfs", ["stream"], registry=r)
         self.pending = Gauge("streamer_worker_pending_windows", "Windows waiting for the inference worker", registry=r)
         self.lost = Gauge("streamer_lost_samples", "Samples lost to ring overruns", ["stream"], registry=r)
         self.overflows = Gauge("streamer_input_overflows", "PortAudio input overflows", ["stream"], registry=r)
