@@ -462,6 +462,8 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
             check.error(("mqtt", "host"), f"{mqtt.host[:60]!r} {host_problem(mqtt.host)}")
 
     c = check.keys(raw.get("console"), {"mode"}, ("console",))
+    if c.get("mode") is False:  # YAML 1.1 reads an unquoted `off` as false: the user meant "off"
+        c = {**c, "mode": "off"}
     console = ConsoleConfig(mode=check.typed(c, "mode", str, ("console",), "auto", choices=("auto", "live", "lines", "json", "off")))
     lg = check.keys(raw.get("logging"), {"level"}, ("logging",))
     level = check.typed(lg, "level", str, ("logging",), "info", choices=("debug", "info", "warning", "error"))

@@ -305,3 +305,18 @@ def test_the_silence_gate_skips_quiet_windows_only_and_counts_them(tmp_path, tin
     assert all(not s.probabilities.any() for s in gated)  # the smoother took them as silence
     assert all(s.probabilities.any() for s in collect.items if s.start_sample in loud)
     assert pipeline.worker.stats.gated == len(gated) == pipeline.gate.gated["q"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_frame_bank_on_the_gpu_equals_the_cpu_reference():
+    features = FeatureConfig()
+    audio = [real_samples(12.0, 0), real_samples(11.0, 40_000)]
+    bank = FrameBank(features, 2, hop_frames=100, device="cuda")
+    refs, _ = bank.push([(i, 0, a) for i, a in enumerate(audio)])
+    got = bank.gather(refs).cpu()
+    for ref, w in zip(refs, got):
+        reference = StreamWindows("r", features, 100)
+        expected = [x for x in reference.push(audio[ref.stream]) if x.start_sample == ref.start_sample]
+        assert len(expected) == 1
+        assert (w - expected[0].features).abs().max().item() <= 1e-4  # cuFFT vs pocketfft: float rounding
