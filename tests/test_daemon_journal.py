@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from conftest import REPO, write_wav
-from mqtt_helpers import Broker, Subscriber, wait_for
+from mqtt_helpers import Broker, Subscriber, daemon_topics, wait_for
 from streamer.sinks.journal import EventJournal
 from streamer.sinks.mqtt import INFLIGHT_WINDOW
 
@@ -64,7 +64,7 @@ def test_sigkill_mid_outage_then_restart_delivers_all_pending_in_order_each_once
     journal_path = tmp_path / "state" / "journal.db"
     # the recorder's session may queue more than mosquitto's default 1000 while it reconnects
     broker = Broker(tmp_path, persistence=True, extra=["max_queued_messages 0"])
-    recorder = Subscriber(broker.port, ["streamer/+/events"], client_id="recorder", persistent=True)
+    recorder = Subscriber(broker.port, [f"{daemon_topics().base}/+/events"], client_id="recorder", persistent=True)
     broker.stop()  # the outage
 
     first = daemon(config(tmp_path, model, audio, broker.port, on_threshold=0.0))
@@ -87,14 +87,14 @@ def test_sigkill_mid_outage_then_restart_delivers_all_pending_in_order_each_once
     second = daemon(config(tmp_path, model, audio, broker.port, on_threshold=1.0))  # raises nothing new
     try:
         assert wait_for(lambda: not pending_rows(journal_path), 120), len(pending_rows(journal_path))
-        assert wait_for(lambda: len(recorder.on_prefix("streamer/")) >= len(owed), 30)
+        assert wait_for(lambda: len(recorder.on_prefix(f"{daemon_topics().base}/")) >= len(owed), 30)
         second.send_signal(signal.SIGTERM)
         second.wait(30)
     finally:
         second.kill()
         recorder.close()
         broker.stop()
-    got = [json.loads(m.payload) for m in recorder.on_prefix("streamer/")]
+    got = [json.loads(m.payload) for m in recorder.on_prefix(f"{daemon_topics().base}/")]
     firsts, seen = [], set()
     for g in got:
         key = (g["id"], g["state"])

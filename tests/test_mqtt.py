@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from mqtt_helpers import Broker, Subscriber, free_port, wait_for
+from mqtt_helpers import Broker, Subscriber, daemon_topics, free_port, wait_for
 from streamer.events import Event
 from streamer.names import host_instance
 from streamer.sinks import homeassistant as ha
@@ -469,13 +469,13 @@ def test_backlog_from_the_journal_drains_in_order_each_once(tmp_path):
     raised = [event(n, s) for n in range(1000) for s in ("ON", "OFF")]
     for e in raised:  # a backlog written before the publisher starts (an earlier run's)
         journal.append(e)
-    sub = Subscriber(broker.port, ["streamer/kitchen/events"])
+    sub = Subscriber(broker.port, [daemon_topics().events(STREAM)])
     pub = MqttPublisher(MqttSettings(host="127.0.0.1", port=broker.port, reconnect_min_s=1, reconnect_max_s=1),
                         {STREAM: [TARGET]}, journal=journal).start()
     try:
         assert wait_for(lambda: journal.counts().pending == 0, 60), journal.counts()
-        assert wait_for(lambda: len(sub.on("streamer/kitchen/events")) >= 2000, 10)
-        got = sub.on("streamer/kitchen/events")
+        assert wait_for(lambda: len(sub.on(daemon_topics().events(STREAM))) >= 2000, 10)
+        got = sub.on(daemon_topics().events(STREAM))
         assert len(got) == 2000  # no broker trouble: each exactly once
         assert firsts_by_identity(got) == [(e.id, e.state) for e in raised]
         c = journal.counts()
@@ -509,7 +509,7 @@ def test_sigkill_mid_outage_then_restart_delivers_every_pending_event(tmp_path):
     """The publisher-level version of the daemon test in test_daemon_journal: 1000 raised while
     the broker is down, SIGKILL, a new process, the broker back: 1000 of 1000, in order."""
     broker = Broker(tmp_path, persistence=True, extra=["max_queued_messages 0"])  # the default 1000 is the backlog's size
-    sub = Subscriber(broker.port, ["streamer/kitchen/events"], client_id="recorder", persistent=True)
+    sub = Subscriber(broker.port, [daemon_topics().events("Kitchen")], client_id="recorder", persistent=True)
     broker.stop()
     path = str(tmp_path / "journal.db")
     code = SIGKILLED_PUBLISHER.format(repo=os.getcwd(), path=path, port=broker.port, count=1000)
@@ -527,8 +527,8 @@ def test_sigkill_mid_outage_then_restart_delivers_every_pending_event(tmp_path):
                             {STREAM: ["Dog"]}, journal=journal).start()
         try:
             assert wait_for(lambda: journal.counts().pending == 0, 60), journal.counts()
-            assert wait_for(lambda: len(firsts_by_identity(sub.on("streamer/kitchen/events"))) == 1000, 30)
-            got = sub.on("streamer/kitchen/events")
+            assert wait_for(lambda: len(firsts_by_identity(sub.on(daemon_topics().events("Kitchen")))) == 1000, 30)
+            got = sub.on(daemon_topics().events("Kitchen"))
             assert firsts_by_identity(got) == [(f"kitchen:dog:{n}", "ON") for n in range(1000)]
             assert len(got) == 1000
             c = journal.counts()
@@ -670,7 +670,7 @@ def test_refused_events_are_offered_again_once_the_broker_accepts_them(tmp_path,
     acl = tmp_path / "acl"
     acl.write_text("topic read #\n")
     broker = Broker(tmp_path, extra=[f"acl_file {acl}"])
-    sub = Subscriber(broker.port, ["streamer/kitchen/events"])
+    sub = Subscriber(broker.port, [daemon_topics().events(STREAM)])
     pub = MqttPublisher(MqttSettings(host="127.0.0.1", port=broker.port, protocol="5", homeassistant=False,
                                      reconnect_min_s=1, reconnect_max_s=1), {STREAM: [TARGET]},
                         journal=EventJournal(tmp_path / "journal.db")).start()
@@ -682,8 +682,8 @@ def test_refused_events_are_offered_again_once_the_broker_accepts_them(tmp_path,
         acl.write_text("topic readwrite #\n")  # the operator fixes the ACL; mosquitto rereads it on SIGHUP
         broker.proc.send_signal(signal.SIGHUP)
         assert wait_for(lambda: pub.journal.counts().pending == 0, 20), pub.stats
-        assert wait_for(lambda: len(sub.on("streamer/kitchen/events")) >= 3, 5)
-        assert firsts_by_identity(sub.on("streamer/kitchen/events")) == [(f"kitchen:smoke_alarm:{n}", "ON") for n in range(3)]
+        assert wait_for(lambda: len(sub.on(daemon_topics().events(STREAM))) >= 3, 5)
+        assert firsts_by_identity(sub.on(daemon_topics().events(STREAM))) == [(f"kitchen:smoke_alarm:{n}", "ON") for n in range(3)]
         assert pub.stats.events_delivered == 3
     finally:
         pub.stop(timeout=1)
