@@ -40,6 +40,7 @@ from streamer.sinks.mqtt import MqttPublisher
 log = logging.getLogger(__name__)
 
 LOOP_INTERVAL_S = 0.25
+METRICS_INTERVAL_S = 1.0  # per-stream gauges refreshed this often (thousands of series on a big box)
 STOP_TIMEOUT_S = 10.0
 HISTORY_LANE_ITEMS = 100_000  # events waiting for the page's history store
 JOURNAL_LANE_MIN_ITEMS = 10_000  # events waiting to be journaled (a burst of ONs), at least
@@ -168,7 +169,7 @@ class Daemon:
 
     def _loop(self) -> None:
         watchdog = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
-        last_level = 0.0
+        last_level = last_metrics = 0.0
         source_states: dict[str, str] = {}
         while not self._stop.wait(LOOP_INTERVAL_S):
             if self._reload.is_set():
@@ -182,7 +183,8 @@ class Daemon:
                     self.hub.publish(SourceStatus(source.name, state, source.error))
                     if self.mqtt:
                         self.mqtt.publish_source_state(source.name, state)
-            if self.metrics:
+            if self.metrics and now - last_metrics >= METRICS_INTERVAL_S:
+                last_metrics = now
                 self._update_metrics()
             level_due = now - last_level >= self.config.level_interval_s
             for slot in self.pipeline.streams:

@@ -134,13 +134,14 @@ class FrameBank:
             plan.append((stream, count, run.frame_count))
         if not plan:
             return refs, []
-        samples_dev = torch.from_numpy(np.concatenate(buffers)).to(self.device, non_blocking=True)
-        start_dev = torch.from_numpy(np.concatenate(starts)).to(self.device, non_blocking=True)
+        samples_dev = self._to_device(np.concatenate(buffers))
+        start_dev = self._to_device(np.concatenate(starts))
         frames = log_mel_frames(samples_dev[start_dev[:, None] + self._offsets], self._window, self._mel)
         frames = normalise(frames, self.features)
         stream_idx = np.concatenate([np.full(count, stream) for stream, count, _ in plan])
         slot_idx = np.concatenate([(base + np.arange(count)) % self.capacity for _, count, base in plan])
-        self.rings[torch.from_numpy(stream_idx).to(self.device), torch.from_numpy(slot_idx).to(self.device)] = frames
+        where = self._to_device(np.stack((stream_idx, slot_idx)))
+        self.rings[where[0], where[1]] = frames
         new_frames: list[tuple[int, torch.Tensor]] = []
         row = 0
         for stream, count, _ in plan:
@@ -174,12 +175,21 @@ class FrameBank:
     def reset(self, stream: int, position: int = 0) -> None:
         self.runs[stream] = _Run(position, self.runs[stream].frame_count)
 
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """Host → the bank's device without waiting: through pinned memory, so the copy queues
+        behind the batch being computed instead of blocking this thread until it is done (a
+        copy from pageable memory would synchronise). PyTorch's pinned-memory cache reuses a
+        buffer only after its copy has completed."""
+        tensor = torch.from_numpy(array)
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
     # -- windows out -----------------------------------------------------------------------------
     def gather(self, refs: list[WindowRef], out: torch.Tensor | None = None) -> torch.Tensor:
         """The windows ``refs`` as one ``(n, max_length, bins)`` tensor on the bank's device."""
-        streams = torch.tensor([r.stream for r in refs], device=self.device)
-        first = torch.tensor([r.first_frame for r in refs], device=self.device)
-        real = torch.tensor([r.frames for r in refs], device=self.device)
+        streams, first, real = self._to_device(np.array([(r.stream, r.first_frame, r.frames) for r in refs],
+                                                        dtype=np.int64).T.copy())
         slots = torch.where(self._positions < real[:, None], (first[:, None] + self._positions) % self.capacity,
                             self.capacity)
         batch = self.rings[streams[:, None], slots]

@@ -73,7 +73,12 @@ def hop_warning(seconds_per_window: float, streams: int, hop: float, max_batch: 
     fix = (f"set hop: {need:g} or hop: auto" if sustainable(seconds_per_window, streams, need, max_batch, headroom)
            else f"even hop {need:g} s is too short: use fewer streams")
     return (
-        f"hop {hop:g} s is more than this machine can hold: {streams} stream(s) × {seconds_per_window:.2f} s per window"
+        f"hop {hop:g} s is more than this machine can hold: {streams} stream(s) × {_duration(seconds_per_window)} per window"
         f"{how} = {load(seconds_per_window, streams, hop):.0%} of the compute (limit {1 - headroom:.0%}), so windows"
         f" will be skipped; {fix}, or use a cheaper model ({CHEAPER_MODEL}, ~3× less work) or precision: auto"
     )
+
+
+def _duration(seconds: float) -> str:
+    """A compute time as people read it: 1.95 s, 3.2 ms."""
+    return f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds * 1000:.2g} ms"
