@@ -135,10 +135,17 @@ def measure(streams: int, args, model: Path, audio: Path, work: Path) -> dict:
         m0, (c0, t, _), w0 = scrape(port), proc(daemon.pid), time.monotonic()
         threads_peak = t
         end = w0 + args.seconds
+        profiler = None
+        if args.py_spy:  # where the daemon's time goes, per thread (not part of the figures)
+            profiler = subprocess.Popen([args.py_spy, "record", "-d", str(int(args.seconds) - 2), "-r", "50", "-f", "raw",
+                                         "--nonblocking", "-o", str(work / f"profile-{streams}.txt"), "--pid",
+                                         str(daemon.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while time.monotonic() < end:
             time.sleep(1.0)
             threads_peak = max(threads_peak, proc(daemon.pid)[1])
         m1, (c1, t, rss), w1 = scrape(port), proc(daemon.pid), time.monotonic()
+        if profiler is not None:
+            profiler.wait(30)
         span = w1 - w0
         result = {
             "streams": streams,
@@ -197,9 +204,11 @@ def main() -> None:
     parser.add_argument("--start-timeout", type=float, default=240.0)
     parser.add_argument("--stop-after-fail", action="store_true", help="stop at the first N not sustained")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--py-spy", help="path of py-spy: profile each N's measuring span into the work folder")
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "bench_pipeline")
     args = parser.parse_args()
     model = full_size_model(args.model)
-    work = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_pipeline"
+    work = args.work
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for n in (int(x) for x in args.streams.split(",")):
