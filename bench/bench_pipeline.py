@@ -138,7 +138,7 @@ def measure(streams: int, args, model: Path, audio: Path, work: Path) -> dict:
         profiler = None
         if args.py_spy:  # where the daemon's time goes, per thread (not part of the figures)
             profiler = subprocess.Popen([args.py_spy, "record", "-d", str(int(args.seconds) - 2), "-r", "50", "-f", "raw",
-                                         "--nonblocking", "-o", str(work / f"profile-{streams}.txt"), "--pid",
+                                         "--nonblocking", "--threads", "-o", str(work / f"profile-{streams}.txt"), "--pid",
                                          str(daemon.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while time.monotonic() < end:
             time.sleep(1.0)
