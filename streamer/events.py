@@ -258,6 +258,7 @@ class EventSmoother:
         self._alpha = np.array([x.ema_alpha if x.smoothing == "ema" else 1.0 for x in s])
         self._median = np.array([x.median_windows if x.smoothing == "median" else 1 for x in s])
         self._history = np.zeros((int(self._median.max(initial=1)), len(targets)))
+        self._uses_median = bool((self._median > 1).any())
         self.reset()
 
     def reset(self) -> None:
@@ -298,9 +299,10 @@ class EventSmoother:
             smoothed = raw.copy()
         else:
             smoothed = self._alpha * raw + (1.0 - self._alpha) * self.smoothed
-        self._history = np.roll(self._history, 1, axis=0)
-        self._history[0] = raw
-        if (self._median > 1).any():  # before N windows exist, the missing ones count as silence
+        if self._uses_median:  # only median smoothing needs the recent windows
+            self._history = np.roll(self._history, 1, axis=0)
+            self._history[0] = raw
+        if self._uses_median:  # before N windows exist, the missing ones count as silence
             for k in np.unique(self._median[self._median > 1]):
                 rows = self._median == k
                 smoothed[rows] = np.median(self._history[:k, rows], axis=0)

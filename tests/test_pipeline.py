@@ -319,4 +319,5 @@ def test_frame_bank_on_the_gpu_equals_the_cpu_reference():
         reference = StreamWindows("r", features, 100)
         expected = [x for x in reference.push(audio[ref.stream]) if x.start_sample == ref.start_sample]
         assert len(expected) == 1
-        assert (w - expected[0].features).abs().max().item() <= 1e-4  # cuFFT vs pocketfft: float rounding
+        error = (w - expected[0].features).abs().max().item()
+        assert error <= 1e-5, error  # the GPU computes in float64: only the CPU reference's own rounding is left

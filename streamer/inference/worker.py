@@ -167,13 +167,14 @@ class Worker:
 
     def _submit(self) -> None:
         batch: list[tuple[WindowRef, float, float, bool]] = []
-        while len(batch) < self.engine.max_batch and self._pending:
-            stream = min(self._pending, key=lambda s: self._pending[s][0][1])
+        for stream in sorted(self._pending, key=lambda s: self._pending[s][0][1]):  # the longest waiting first
             held = self._pending[stream]
             while held and len(batch) < self.engine.max_batch:
                 batch.append(held.popleft())
             if not held:
                 del self._pending[stream]
+            if len(batch) == self.engine.max_batch:
+                break
         self._count -= len(batch)
         refs = [ref for ref, _, _, _ in batch]
         gated = [g for _, _, _, g in batch]
