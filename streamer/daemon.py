@@ -138,6 +138,10 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.config
+        if threading.current_thread() is threading.main_thread():
+            # a reload asked for while the model loads is kept for when the loop runs (its default
+            # action would kill the daemon); SIGTERM/SIGINT keep theirs until ready: nothing to lose yet
+            signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         self._build()
         self.hub.start()
         self.pipeline.start()

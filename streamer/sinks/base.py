@@ -184,22 +184,30 @@ class SinkHub:
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Let every sink finish its queue within ``timeout`` (shared), then close it.
 
-        A sink still stuck after the budget (a blocked pipe) is abandoned: its thread is a
-        daemon thread, and what it had not handled is counted as shed.
+        A sink whose queue is full is looked at last, so that one stuck sink (a blocked
+        pipe) cannot use up the others' budget; one still stuck after the budget is
+        abandoned — its thread is a daemon thread — and what it had not handled is counted
+        as shed.
         """
         deadline = time.monotonic() + timeout
+        later, sent = [], set()
         for lane in self._lanes:
-            while True:
+            try:
+                lane.queue.put_nowait(_STOP)
+                sent.add(id(lane))
+            except queue.Full:
+                later.append(lane)
+        for lane in [lane for lane in self._lanes if lane not in later] + later:
+            if lane in later:
                 try:
                     lane.queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
-                    break
+                    sent.add(id(lane))
                 except queue.Full:
-                    break
-        for lane in self._lanes:
+                    pass
             if lane.thread is not None:
                 lane.thread.join(max(0.0, deadline - time.monotonic()))
                 if lane.thread.is_alive():
-                    left = lane.queue.qsize()
+                    left = max(0, lane.queue.qsize() - (id(lane) in sent))  # the stop marker is no item
                     lane.shed += left
                     log.warning("sink %s did not finish within %.0f s; %d item(s) not handled", lane.sink.name, timeout, left)
                     continue
