@@ -362,7 +362,8 @@ class EventLog:
         self.lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"web-test-{time.monotonic_ns()}")
         ready = threading.Event()
-        self.client.on_connect = lambda c, *a: (c.subscribe("streamer/+/events", qos=1), ready.set())
+        # {prefix}/{instance}/{stream}/events
+        self.client.on_connect = lambda c, *a: (c.subscribe("streamer/+/+/events", qos=1), ready.set())
         self.client.on_message = lambda c, u, m: self._add(json.loads(m.payload))
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
