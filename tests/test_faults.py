@@ -79,6 +79,7 @@ def stop(proc: subprocess.Popen) -> tuple[str, str, float]:
 
 # -- the broker -----------------------------------------------------------------------------
 
+@pytest.mark.slow  # over 15 s on 2 cores: CI runs it, the fast lane (-m 'not slow') does not
 def test_broker_down_at_start_killed_and_restarted_every_event_accounted_for(tmp_path, model, scene):
     broker = Broker(tmp_path, persistence=True)
     # a recorder with a persistent session: the broker keeps its messages while it is away
@@ -144,6 +145,7 @@ def test_sigkill_mid_event_the_last_will_tells_home_assistant(tmp_path, model, s
 
 # -- overload, SIGTERM under load, the watchdog ---------------------------------------------------
 
+@pytest.mark.slow  # over 15 s on 2 cores: CI runs it, the fast lane (-m 'not slow') does not
 def test_overload_skips_windows_with_bounded_latency_flat_memory_and_a_clean_stop(tmp_path, model, scene):
     port = free_port()
     sources = [file_source(f"s{i}", scene) for i in range(3)]
@@ -172,6 +174,7 @@ def test_overload_skips_windows_with_bounded_latency_flat_memory_and_a_clean_sto
     assert last["threads"] == first["threads"] and last["fds"] <= first["fds"] + 2, (first, last)
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: CI runs it, the fast lane (-m 'not slow') does not
 def test_watchdog_pings_stop_when_inference_stalls(tmp_path, model, scene):
     config = write_config(tmp_path, model, [file_source("scene", scene)], model={"added_delay_ms": 60_000})
     path = str(tmp_path / "notify.sock")
@@ -206,6 +209,7 @@ def test_watchdog_pings_stop_when_inference_stalls(tmp_path, model, scene):
 
 # -- sources ------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # over 15 s on 2 cores: CI runs it, the fast lane (-m 'not slow') does not
 def test_each_source_fails_or_recovers_alone(tmp_path, model, scene):
     rng = np.random.default_rng(8)
     clean = read_audio(scene)[: 16000 * 6]
@@ -284,6 +288,7 @@ def pulse(tmp_path):
     server.wait(10)
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: CI runs it, the fast lane (-m 'not slow') does not
 def test_capture_device_disappears_and_reappears(tmp_path, model, scene, pulse):
     env, pactl = pulse
     port = free_port()

@@ -280,6 +280,7 @@ SECRET = "pw-Zq81-never-shown"
 KEY_SECRET = "kp-Xy55-never-shown"
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: CI runs it, the fast lane (-m 'not slow') does not
 def test_secrets_never_reach_logs_errors_or_the_broker(tmp_path, tiny_checkpoint):
     directory, _ = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
     audio = write_wav(tmp_path / "a.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 16000 * 4).astype(np.float32))

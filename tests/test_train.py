@@ -46,6 +46,7 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: CI runs it, the fast lane (-m 'not slow') does not
 def test_trained_checkpoint_is_a_standard_hf_checkpoint(trained):
     from transformers import ASTFeatureExtractor, ASTForAudioClassification
 
@@ -64,6 +65,7 @@ def test_trained_checkpoint_is_a_standard_hf_checkpoint(trained):
         assert (reference(x).logits - ours.model(x)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: CI runs it, the fast lane (-m 'not slow') does not
 def test_training_with_a_base_model_keeps_its_labels(tmp_path, tiny_checkpoint):
     from streamer.model import load_model
 
@@ -98,6 +100,7 @@ def held_out_clip(trained, label: str) -> np.ndarray:
     return read_audio(REAL_AUDIO / label / split[label][0])
 
 
+@pytest.mark.slow  # over 15 s on 2 cores: CI runs it, the fast lane (-m 'not slow') does not
 def test_scene_end_to_end_through_the_live_path(trained, tmp_path):
     """Held-out clips over background, a file source at real-time pace, the worker, the
     smoother and a real mosquitto; the same events as `streamer detect --events-out`."""
