@@ -47,11 +47,16 @@ def full_size_model(directory: Path) -> Path:
     from transformers import ASTConfig, ASTForAudioClassification
 
     torch.manual_seed(0)
-    config = ASTConfig(num_labels=527, max_length=1024, fstride=10, tstride=10)
+    config = ASTConfig(num_labels=527, max_length=1024, frequency_stride=10, time_stride=10)
     config.id2label = {i: f"label {i}" for i in range(527)}
     config.label2id = {v: k for k, v in config.id2label.items()}
     ASTForAudioClassification(config).eval().save_pretrained(directory)
     return directory
+
+
+def first_labels(model: Path, count: int) -> list[str]:
+    labels = json.loads((model / "config.json").read_text())["id2label"]
+    return [labels[str(i)] for i in range(min(count, len(labels)))]
 
 
 def write_config(path: Path, model: Path, audio: Path, streams: int, args, port: int) -> None:
@@ -62,7 +67,7 @@ def write_config(path: Path, model: Path, audio: Path, streams: int, args, port:
         "console: {mode: \"off\"}",
         # a home's handful of targets (the default, every one of 527 labels, with random weights
         # would raise events all the time: not what a box sees)
-        f"detect: {{include: {json.dumps([f'label {i}' for i in range(args.targets)])}}}",
+        f"detect: {{include: {json.dumps(first_labels(model, args.targets))}}}",
         f"metrics: {{enabled: true, host: 127.0.0.1, port: {port}}}",
         "sources:",
     ]
