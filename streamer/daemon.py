@@ -76,7 +76,8 @@ class Daemon:
 
     # -- wiring ---------------------------------------------------------------------------
     def _on_event(self, stream: int, event: Event) -> Event:
-        """On the results thread, before the fan-out: the clip (copied out of the ring now), the count."""
+        """On the results thread, before the fan-out: the run, the clip (copied out of the ring now), the count."""
+        event = replace(event, run=self.run_id)
         if self.clips and event.state == "OFF":
             path = self.clips.save(event, self.pipeline.streams[stream].source.ring)
             if path is not None:
@@ -111,6 +112,8 @@ class Daemon:
         self.journal = EventJournal(cfg.journal.path, cfg.journal.max_events, cfg.journal.max_age_s) if cfg.mqtt else None
         self.mqtt = MqttPublisher(cfg.mqtt, {s.name: [t.name for t in targets] for s in self.sources},
                                   journal=self.journal) if cfg.mqtt else None
+        # the journal's run number (one more each start, kept with the events), else the start time
+        self.run_id = self.journal.run if self.journal else int(time.time())
         if self.journal:
             c = self.journal.counts()
             log.info("journal %s: %d event(s) pending from earlier runs (raised %d, delivered %d, shed %d in all)",

@@ -219,6 +219,9 @@ class Event:
     mean: float
     closed_by: str | None = None  # OFF only: "audio", "shutdown", "stream-end" or "reload"
     clip: str | None = None  # OFF only, with clips on: where its audio was saved
+    # which run of the daemon raised it: ``id`` counts samples from each start, so after a
+    # restart a consumer deduplicates by (run, id, state) — a redelivery keeps both
+    run: int | None = None
 
     @property
     def start_s(self) -> float:
@@ -232,6 +235,7 @@ class Event:
             "end_s": None if self.end_sample is None else round(self.end_sample / SAMPLE_RATE_HZ, 3),
             "start_time": self.start_time, "end_time": self.end_time,
             "peak": round(self.peak, 4), "mean": round(self.mean, 4), "closed_by": self.closed_by, "clip": self.clip,
+            "run": self.run,
         }
 
 

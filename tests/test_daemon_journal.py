@@ -102,6 +102,8 @@ def test_sigkill_mid_outage_then_restart_delivers_all_pending_in_order_each_once
             seen.add(key)
             firsts.append(key)
     assert firsts == owed  # every one, in the order raised
+    # delivered by the second daemon, they still carry the run that raised them (the first)
+    assert {g["run"] for g in got} == {1}
     assert len(got) - len(firsts) <= INFLIGHT_WINDOW  # repeats only from the unacknowledged window
     c = EventJournal(journal_path).counts()
     assert c.pending == 0 and c.raised == c.delivered + c.shed and c.delivered >= len(owed)
