@@ -99,6 +99,7 @@ def test_sigterm_mid_event_publishes_off_and_offline(tmp_path, tiny_checkpoint, 
         sub.close()
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: CI runs it, the fast lane does not
 def test_sighup_reloads_thresholds_and_refuses_a_broken_file(tmp_path, tiny_checkpoint, scene):
     directory, hf = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
     label = hf.config.id2label[0]

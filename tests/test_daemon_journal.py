@@ -7,6 +7,8 @@ each once by (id, state) — a repeat could only be one of the in-flight window.
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import signal
@@ -58,6 +60,7 @@ def daemon(path: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=err, env={**os.environ})
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: CI runs it, the fast lane does not
 def test_sigkill_mid_outage_then_restart_delivers_all_pending_in_order_each_once(tmp_path, tiny_checkpoint):
     model, _ = tiny_checkpoint(max_length=128, num_labels=LABELS, seed=4)
     audio = write_wav(tmp_path / "noise.wav", np.random.default_rng(0).uniform(-0.3, 0.3, 16000 * 3).astype(np.float32))

@@ -51,6 +51,7 @@ def test_event_end_time_never_precedes_its_start(jump_s):
     assert all(e.end_time >= e.start_time for e in closing)
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: CI runs it, the fast lane does not
 def test_check_config_checks_targets_and_groups_against_the_model(tmp_path, tiny_checkpoint):
     directory, hf = tiny_checkpoint(num_labels=3)
     labels = [hf.config.id2label[i] for i in range(3)]

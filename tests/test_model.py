@@ -57,6 +57,7 @@ def test_tiny_models_match_transformers(tiny_checkpoint, fmt, config):
     ],
     ids=["audioset-10-10-full-size", "audioset-16-16-full-size"],
 )
+@pytest.mark.slow  # over 8 s on 2 cores: CI runs it, the fast lane does not
 def test_full_size_models_match_transformers(tiny_checkpoint, config):
     directory, hf_model = tiny_checkpoint(**config)
     assert_parity(directory, hf_model, batch=1)

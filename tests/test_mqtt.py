@@ -275,6 +275,7 @@ def test_reload_adds_and_removes_targets_and_streams(broker):
         sub.close()
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: CI runs it, the fast lane does not
 def test_a_burst_of_home_assistant_births_announces_once(broker):
     helper = Subscriber(broker.port, [])
     # a retained birth left on the broker is an old one: the connect greeting answers it
@@ -599,6 +600,7 @@ class HangUpBroker:
         self.server.close()
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: CI runs it, the fast lane does not
 def test_a_broker_that_accepts_then_hangs_up_cannot_grow_the_queue(tmp_path):
     broker = HangUpBroker()
     targets = {f"Room {i}": [f"Target {j}" for j in range(5)] for i in range(4)}  # a greeting of ~45 messages
