@@ -132,7 +132,8 @@ class Daemon:
             self.journal_sink = self.hub.add(JournalSink(self.journal, [self.mqtt.event_journaled]),
                                              queue_items=max(JOURNAL_LANE_MIN_ITEMS, cfg.journal.max_events))
         self.hop = self._choose_hop()
-        self._web_setup() if cfg.web.enabled else None
+        if cfg.web.enabled:
+            self._web_setup()
         self.pipeline = Pipeline(self.engine, self.sources, hop_to_frames(self.hop), targets, self.hub,
                                  max_wait_ms=cfg.model.max_wait_ms, added_delay_s=cfg.model.added_delay_ms / 1000,
                                  on_event=self._on_event, on_window=self._on_window,
@@ -146,6 +147,8 @@ class Daemon:
             # action would kill the daemon); SIGTERM/SIGINT keep theirs until ready: nothing to lose yet
             signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         self._build()
+        if self.web:
+            self.web.start()  # the page, its live feed, /metrics and /healthz: one server (a busy port fails here, first)
         self.hub.start()
         self.pipeline.start()
         if self.mqtt:
@@ -153,8 +156,6 @@ class Daemon:
         if self.view:
             self.view.start()
         self.metrics_server = None
-        if self.web:
-            self.web.start()  # the page, its live feed, /metrics and /healthz: one server
         if self.metrics and not self.web:
             self.metrics_server = MetricsServer(self.metrics, self._healthy, cfg.metrics.host, cfg.metrics.port).start()
         self._install_signals()
