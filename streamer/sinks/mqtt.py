@@ -181,6 +181,17 @@ class _Flight:
     seq: int | None = None
 
 
+class _DeadThread:
+    """Stands for a network thread that ended before it could be looked at."""
+
+    @staticmethod
+    def is_alive() -> bool:
+        return False
+
+
+_DEAD_THREAD = _DeadThread()
+
+
 class MqttPublisher:
     """Events, states, levels and discovery to one broker, through a bounded queue."""
 
@@ -339,7 +350,8 @@ class MqttPublisher:
         except (OSError, ValueError) as exc:
             self._connection_state(f"cannot connect to {s.host}:{s.port} ({exc})", logging.WARNING, "will keep trying")
         self._client.loop_start()
-        self._network_thread = getattr(self._client, "_thread", None)  # paho forgets it when it dies
+        # paho forgets its thread when it dies; one that died before we looked is dead, not absent
+        self._network_thread = getattr(self._client, "_thread", None) or _DEAD_THREAD
         self._sender.start()
         return self
 
@@ -694,7 +706,7 @@ class MqttPublisher:
                 self.stats.network_restarts += 1
                 self._client.loop_stop()
                 self._client.loop_start()
-                self._network_thread = getattr(self._client, "_thread", None)
+                self._network_thread = getattr(self._client, "_thread", None) or _DEAD_THREAD
         elif self._network_dead and thread is not None and thread.is_alive() and self.connected:
             self._network_dead = False
             log.info("mqtt: the network thread runs again")
