@@ -7,6 +7,8 @@ of the same audio.
 
 from __future__ import annotations
 
+import math
+
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,9 @@ log = logging.getLogger(__name__)
 
 BLOCK_SECONDS = 10.0
 MIN_RATE_HZ, MAX_RATE_HZ = 1000, 768_000  # sample rates real recordings have
+# the exact polyphase resampler needs 16000 / gcd(rate, 16000) phases: 160 for 44.1 kHz, 640
+# for 11.025 kHz, 2000 for an odd 44.056 kHz; a rate field damaged into 15947 Hz would need 16000
+MAX_RESAMPLE_PHASES = 2000
 MAX_CHANNELS = 64
 MAX_ABS_SAMPLE = 100.0  # full scale is 1.0; beyond this a float sample is damage, not audio
 
@@ -75,6 +80,10 @@ def iter_audio(path: str | Path, block_seconds: float = BLOCK_SECONDS,
             # a damaged header: 7 Hz would mean resampling each sample into thousands
             raise AudioError(f"{path}: invalid header ({f.samplerate} Hz, {f.channels} channels; expected "
                              f"{MIN_RATE_HZ}–{MAX_RATE_HZ} Hz, 1–{MAX_CHANNELS} channels)")
+        phases = SAMPLE_RATE_HZ // math.gcd(f.samplerate, SAMPLE_RATE_HZ)
+        if phases > MAX_RESAMPLE_PHASES:  # a damaged rate field (15947 Hz) would take minutes to convert
+            raise AudioError(f"{path}: an unusual sample rate ({f.samplerate} Hz) that is very costly to convert "
+                             f"exactly; convert the file first (ffmpeg -i IN -ar 16000 OUT.wav)")
         resampler = StreamingResampler(f.samplerate, SAMPLE_RATE_HZ)
         block_frames = max(1, int(block_seconds * f.samplerate))
         damaged = 0
