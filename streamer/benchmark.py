@@ -150,18 +150,12 @@ def quantize_int8_hf(model) -> None:
 
 def accuracy(model_dir: Path, device: str, precisions, audio: list[Path]) -> dict:
     """Each precision against fp32 on the same windows; batched against one at a time."""
-    from streamer.capture.files import read_audio
     from streamer.inference.engine import InferenceEngine
     from streamer.model import load_model
     from streamer.model.config import FeatureConfig
     from streamer.features.windows import StreamWindows
 
-    if audio:
-        samples = np.concatenate([read_audio(p) for p in audio])
-        source = f"{len(audio)} real recordings, {len(samples) / 16000:.0f} s"
-    else:
-        samples = np.random.default_rng(0).uniform(-0.3, 0.3, 16000 * 40).astype(np.float32)
-        source = "40 s of random audio"
+    samples, source = _bench_audio(audio)
     stream = StreamWindows("acc", FeatureConfig(), hop_frames=100)
     windows = stream.push(samples) + stream.finish()
     feats = [w.features for w in windows]
@@ -241,16 +235,20 @@ def streams_at_hop(rows: list[dict], hop_s: float = HOP_SECONDS) -> int:
 CPU_ROUNDS = 12  # windows of real audio each CPU path scores (the first warms up, the rest are timed)
 
 
-def _real_windows(loaded, audio: list[Path], count: int, hop_frames: int) -> tuple[torch.Tensor, str]:
+def _bench_audio(audio: list[Path]) -> tuple[np.ndarray, str]:
+    """The recordings joined (16 kHz mono), or 40 s of seeded random audio; and what they are."""
     from streamer.capture.files import read_audio
-    from streamer.features.windows import StreamWindows
 
     if audio:
         samples = np.concatenate([read_audio(p) for p in audio])
-        source = f"{len(audio)} real recordings, {len(samples) / 16000:.0f} s"
-    else:
-        samples = np.random.default_rng(0).uniform(-0.3, 0.3, 16000 * 40).astype(np.float32)
-        source = "40 s of random audio"
+        return samples, f"{len(audio)} real recordings, {len(samples) / 16000:.0f} s"
+    return np.random.default_rng(0).uniform(-0.3, 0.3, 16000 * 40).astype(np.float32), "40 s of random audio"
+
+
+def _real_windows(loaded, audio: list[Path], count: int, hop_frames: int) -> tuple[torch.Tensor, str]:
+    from streamer.features.windows import StreamWindows
+
+    samples, source = _bench_audio(audio)
     stream = StreamWindows("bench", loaded.features, hop_frames=hop_frames)
     windows = stream.push(samples) + stream.finish()
     step = max(1, len(windows) // count)  # spread over the whole recording

@@ -10,8 +10,8 @@ model exported to ONNX Runtime in fp32 or int8 (:mod:`streamer.inference.cpu`);
 ``precision: auto`` picks the fastest of those within 0.02 of fp32 on the CPU it runs on
 (and bf16 on a GPU).
 
-:class:`InferenceWorker` is the thread that serves every live stream with one engine; the
-offline ``detect`` command calls the same engine directly.
+:class:`~streamer.inference.worker.Worker` batches every stream's windows through one engine,
+for the live daemon and for ``detect`` alike (both through :mod:`streamer.pipeline`).
 """
 
 from __future__ import annotations
