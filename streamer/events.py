@@ -19,11 +19,11 @@ cost little; only the rare ON/OFF transitions are Python objects.
 
 from __future__ import annotations
 
-import math
-
 import fnmatch
 import logging
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -239,163 +239,278 @@ class Event:
         }
 
 
-class EventSmoother:
-    """One stream's targets: ``update`` with each window's probabilities, get ON/OFF events."""
+class SmootherBank:
+    """Every stream's targets as (streams × targets) arrays: one numpy pass per batch.
 
-    def __init__(self, stream: str, labels: tuple[str, ...], targets: list[Target], window_samples: int) -> None:
-        self.stream = stream
+    ``update`` takes one window of each of some streams (a *round*: no stream twice; see
+    :func:`rounds`) and returns the ON/OFF transitions they cause, in window order. A
+    window's update is the same arithmetic a single stream would do — the rows are just
+    updated together — so a batch of 128 streams costs about what one stream did.
+    """
+
+    def __init__(self, streams: Sequence[str], labels: tuple[str, ...], targets: list[Target],
+                 window_samples: int) -> None:
+        self.streams = tuple(streams)
         self.labels = labels
         self.targets = targets
         self.window_samples = window_samples
-        index = {label: i for i, label in enumerate(labels)}
+        self._label_index = {label: i for i, label in enumerate(labels)}
         width = max((len(t.labels) for t in targets), default=1)
         self._members = np.full((len(targets), width), len(labels), dtype=np.int64)  # padding → a zero column
         for row, target in enumerate(targets):
-            self._members[row, : len(target.labels)] = [index[label] for label in target.labels]
+            self._members[row, : len(target.labels)] = [self._label_index[label] for label in target.labels]
         s = [t.settings for t in targets]
-        self._noisy_or = np.array([x.combine == "noisy_or" for x in s])
+        self._noisy_or = np.array([x.combine == "noisy_or" for x in s], dtype=bool)
         self._on = np.array([x.on_threshold for x in s])
         self._off = np.array([x.off_threshold for x in s])
         self._min_on = np.array([x.min_on * SAMPLE_RATE_HZ for x in s])
         self._hold = np.array([x.hold * SAMPLE_RATE_HZ for x in s])
         self._cooldown = np.array([x.cooldown * SAMPLE_RATE_HZ for x in s])
         self._alpha = np.array([x.ema_alpha if x.smoothing == "ema" else 1.0 for x in s])
-        self._median = np.array([x.median_windows if x.smoothing == "median" else 1 for x in s])
-        self._history = np.zeros((int(self._median.max(initial=1)), len(targets)))
-        self._uses_median = bool((self._median > 1).any())
+        self._median = np.array([x.median_windows if x.smoothing == "median" else 1 for x in s], dtype=np.int64)
+        self._median_sizes = [int(k) for k in np.unique(self._median[self._median > 1])]
+        self._depth = int(self._median.max(initial=1))
+        self._uses_median = bool(self._median_sizes)
         self.reset()
 
-    def reset(self) -> None:
-        n = len(self.targets)
-        self.raw = np.zeros(n)
-        self.smoothed = np.zeros(n)
-        self.windows = 0
-        self._history[:] = 0.0
-        self.active = np.zeros(n, dtype=bool)
-        self._above_since = np.full(n, -1, dtype=np.int64)  # start of the current run ≥ on (as an event start)
-        self._below_since = np.full(n, -1, dtype=np.int64)  # start of the current run < off (as an event end)
-        self._below_at = np.full(n, -1, dtype=np.int64)  # score position where that run began
-        self._above_at = np.full(n, -1, dtype=np.int64)
-        self._ready_at = np.zeros(n, dtype=np.int64)  # cooldown: no ON before this position
-        self._peak = np.zeros(n)
-        self._sum = np.zeros(n)
-        self._count = np.zeros(n, dtype=np.int64)
-        self._start = np.zeros(n, dtype=np.int64)
-        self._start_wall: dict[int, float | None] = {}
-        self._drivers: dict[int, tuple[str, ...]] = {}
-        self._last_end = 0
-        self._last_wall: float | None = None
-        self._anchor: float | None = None  # wall clock of sample 0: see _wall
+    def reset(self, row: int | None = None) -> None:
+        """Forget everything (``row=None``) or one stream's state."""
+        shape = (len(self.streams), len(self.targets))
+        if row is None:
+            self.raw = np.zeros(shape)
+            self.smoothed = np.zeros(shape)
+            self.windows = np.zeros(len(self.streams), dtype=np.int64)
+            self._history = np.zeros((len(self.streams), self._depth, len(self.targets)))
+            self.active = np.zeros(shape, dtype=bool)
+            self._above_since = np.full(shape, -1, dtype=np.int64)  # start of the current run ≥ on (event start)
+            self._below_since = np.full(shape, -1, dtype=np.int64)  # start of the current run < off (event end)
+            self._below_at = np.full(shape, -1, dtype=np.int64)  # score position where that run began
+            self._above_at = np.full(shape, -1, dtype=np.int64)
+            self._ready_at = np.zeros(shape, dtype=np.int64)  # cooldown: no ON before this position
+            self._peak = np.zeros(shape)
+            self._sum = np.zeros(shape)
+            self._count = np.zeros(shape, dtype=np.int64)
+            self._start = np.zeros(shape, dtype=np.int64)
+            self._last_end = np.zeros(len(self.streams), dtype=np.int64)
+            self._last_wall = np.full(len(self.streams), np.nan)
+            self._anchor = np.full(len(self.streams), np.nan)  # wall clock of sample 0: see _wall
+            self._start_wall: dict[tuple[int, int], float | None] = {}
+            self._drivers: dict[tuple[int, int], tuple[str, ...]] = {}
+            return
+        for name, fill in (("raw", 0.0), ("smoothed", 0.0), ("windows", 0), ("_history", 0.0), ("active", False),
+                           ("_above_since", -1), ("_below_since", -1), ("_below_at", -1), ("_above_at", -1),
+                           ("_ready_at", 0), ("_peak", 0.0), ("_sum", 0.0), ("_count", 0), ("_start", 0),
+                           ("_last_end", 0), ("_last_wall", np.nan), ("_anchor", np.nan)):
+            getattr(self, name)[row] = fill
+        for key in [k for k in self._start_wall if k[0] == row]:
+            del self._start_wall[key]
+        for key in [k for k in self._drivers if k[0] == row]:
+            del self._drivers[key]
 
     def target_scores(self, probs: np.ndarray) -> np.ndarray:
-        padded = np.append(probs.astype(np.float64), 0.0)[self._members]
-        maxed = padded.max(axis=1)
+        """(windows × labels) probabilities → (windows × targets) scores (max or noisy-or)."""
+        probs = np.atleast_2d(probs).astype(np.float64, copy=False)
+        padded = np.concatenate([probs, np.zeros((probs.shape[0], 1))], axis=1)[:, self._members]
+        maxed = padded.max(axis=2)
         if self._noisy_or.any():
-            noisy = 1.0 - np.prod(1.0 - padded, axis=1)
+            noisy = 1.0 - np.prod(1.0 - padded, axis=2)
             return np.where(self._noisy_or, noisy, maxed)
         return maxed
 
-    def update(self, start_sample: int, probs: np.ndarray, wall_time: float | None = None) -> list[Event]:
-        """Feed one window (its first sample, its probabilities); return the transitions it causes."""
+    def update(self, rows: np.ndarray, start_samples: np.ndarray, probs: np.ndarray,
+               wall_times: np.ndarray | None = None) -> list[tuple[int, Event]]:
+        """Feed one window each of ``rows`` (distinct streams): their first samples, their
+        probabilities (windows × labels), their wall clocks (NaN: none). Returns
+        ``(position in rows, event)`` for the transitions, in window order, OFFs first."""
+        rows = np.asarray(rows, dtype=np.int64)
+        start = np.asarray(start_samples, dtype=np.int64)
+        walls = np.full(len(rows), np.nan) if wall_times is None else np.asarray(wall_times, dtype=np.float64)
         raw = self.target_scores(probs)
-        self.raw = raw
-        if self.windows == 0:
-            smoothed = raw.copy()
-        else:
-            smoothed = self._alpha * raw + (1.0 - self._alpha) * self.smoothed
+        windows = self.windows[rows]
+        first = (windows == 0)[:, None]
+        smoothed = np.where(first, raw, self._alpha * raw + (1.0 - self._alpha) * self.smoothed[rows])
         if self._uses_median:  # only median smoothing needs the recent windows
-            self._history = np.roll(self._history, 1, axis=0)
-            self._history[0] = raw
-        if self._uses_median:  # before N windows exist, the missing ones count as silence
-            for k in np.unique(self._median[self._median > 1]):
-                rows = self._median == k
-                smoothed[rows] = np.median(self._history[:k, rows], axis=0)
-        self.smoothed = smoothed
-        self.windows += 1
+            history = np.roll(self._history[rows], 1, axis=1)
+            history[:, 0] = raw
+            self._history[rows] = history
+            for k in self._median_sizes:  # before N windows exist, the missing ones count as silence
+                cols = self._median == k
+                smoothed[:, cols] = np.median(history[:, :k][:, :, cols], axis=1)
+        self.raw[rows] = raw
+        self.smoothed[rows] = smoothed
+        self.windows[rows] = windows + 1
 
-        end = start_sample + self.window_samples  # the score's place: the window's end
+        end = start + self.window_samples  # the score's place: the window's end
         # the audio this window adds to the one before: where a sound it newly hears began
-        new_audio = start_sample if self.windows == 1 else max(start_sample, self._last_end)
-        self._last_end, self._last_wall = end, wall_time
-        if wall_time is not None:  # the anchor moves forward only, or back while no event is open
-            seen = wall_time - (end - 1) / SAMPLE_RATE_HZ
-            if self._anchor is None or seen > self._anchor or not self.active.any():
-                self._anchor = seen
+        new_audio = np.where(windows == 0, start, np.maximum(start, self._last_end[rows]))
+        self._last_end[rows] = end
+        self._last_wall[rows] = walls
+        act = self.active[rows]
+        timed = ~np.isnan(walls)
+        if timed.any():  # the anchor moves forward only, or back while no event is open
+            seen = walls - (end - 1) / SAMPLE_RATE_HZ
+            anchor = self._anchor[rows]
+            move = timed & (np.isnan(anchor) | (seen > anchor) | ~act.any(axis=1))
+            self._anchor[rows[move]] = seen[move]
 
         above = smoothed >= self._on
         below = smoothed < self._off
-        events: list[Event] = []
+        end_col, start_col, new_col = end[:, None], start[:, None], new_audio[:, None]
         # inactive targets: track the current run at or above on_threshold
-        run = ~self.active & above
-        starting = run & (self._above_since < 0)
-        self._above_since[starting] = new_audio
-        self._above_at[starting] = end
-        self._above_since[~run & ~self.active] = -1
-        fire = run & (end - self._above_at >= self._min_on) & (end >= self._ready_at)
+        above_since, above_at = self._above_since[rows], self._above_at[rows]
+        run = ~act & above
+        starting = run & (above_since < 0)
+        above_since = np.where(starting, new_col, above_since)
+        above_at = np.where(starting, end_col, above_at)
+        above_since[~run & ~act] = -1
+        fire = run & (end_col - above_at >= self._min_on) & (end_col >= self._ready_at[rows])
         # active targets: accumulate, track the run below off_threshold
-        act = self.active
-        self._peak[act] = np.maximum(self._peak[act], smoothed[act])
-        self._sum[act] += smoothed[act]
-        self._count[act] += 1
+        if act.any():
+            self._peak[rows] = np.where(act, np.maximum(self._peak[rows], smoothed), self._peak[rows])
+            self._sum[rows] += np.where(act, smoothed, 0.0)
+            self._count[rows] += act
+        below_since, below_at = self._below_since[rows], self._below_at[rows]
         quiet = act & below
-        beginning = quiet & (self._below_since < 0)
-        self._below_since[beginning] = start_sample
-        self._below_at[beginning] = end
-        self._below_since[act & ~below] = -1
-        stop = quiet & (end - self._below_at >= self._hold)
-
-        for i in np.flatnonzero(stop):
-            events.append(self._close(int(i), int(self._below_since[i]), wall_time, "audio"))
-            self._ready_at[i] = end + self._cooldown[i]
-        for i in np.flatnonzero(fire):
-            events.append(self._open(int(i), int(self._above_since[i]), probs, smoothed[i], wall_time))
+        beginning = quiet & (below_since < 0)
+        below_since = np.where(beginning, start_col, below_since)
+        below_at = np.where(beginning, end_col, below_at)
+        below_since[act & ~below] = -1
+        stop = quiet & (end_col - below_at >= self._hold)
+        self._above_since[rows], self._above_at[rows] = above_since, above_at
+        self._below_since[rows], self._below_at[rows] = below_since, below_at
+        if not (stop.any() or fire.any()):
+            return []
+        events: list[tuple[int, Event]] = []
+        for b, kind, i in sorted([(int(b), 0, int(i)) for b, i in np.argwhere(stop)]
+                                 + [(int(b), 1, int(i)) for b, i in np.argwhere(fire)]):
+            row, wall = int(rows[b]), (None if np.isnan(walls[b]) else float(walls[b]))
+            if kind == 0:
+                events.append((b, self._close(row, i, int(self._below_since[row, i]), wall, "audio")))
+                self._ready_at[row, i] = end[b] + self._cooldown[i]
+            else:
+                events.append((b, self._open(row, i, int(self._above_since[row, i]), probs[b],
+                                             float(smoothed[b, i]), wall)))
         return events
 
-    def _wall(self, sample: int, wall_time: float | None) -> float | None:
+    def _wall(self, row: int, sample: int, wall_time: float | None) -> float | None:
         """Wall clock of a stream sample: the audio timeline, anchored to the wall clock.
 
         The anchor (wall time of sample 0) never moves back while an event is open, so a
         clock stepped back or a process stopped and resumed (SIGSTOP) cannot make an
         event end before it started; it follows forward jumps (audio lost in a stall)."""
-        if wall_time is None or self._anchor is None:
+        anchor = self._anchor[row]
+        if wall_time is None or np.isnan(anchor):
             return None
-        return self._anchor + sample / SAMPLE_RATE_HZ
+        return float(anchor) + sample / SAMPLE_RATE_HZ
 
-    def _open(self, i: int, start: int, probs: np.ndarray, score: float, wall_time: float | None) -> Event:
+    def _open(self, row: int, i: int, start: int, probs: np.ndarray, score: float, wall_time: float | None) -> Event:
         target = self.targets[i]
-        self.active[i] = True
-        self._above_since[i] = -1
-        self._below_since[i] = -1
-        self._peak[i] = score
-        self._sum[i] = score
-        self._count[i] = 1
-        self._start[i] = start
-        self._start_wall[i] = self._wall(start, wall_time)
-        ranked = sorted(target.labels, key=lambda label: -probs[self.labels.index(label)])
-        strong = tuple(l for l in ranked if probs[self.labels.index(l)] >= target.settings.off_threshold)
-        self._drivers[i] = strong or ranked[:1]
+        self.active[row, i] = True
+        self._above_since[row, i] = -1
+        self._below_since[row, i] = -1
+        self._peak[row, i] = score
+        self._sum[row, i] = score
+        self._count[row, i] = 1
+        self._start[row, i] = start
+        start_wall = self._wall(row, start, wall_time)
+        self._start_wall[row, i] = start_wall
+        p = {label: float(probs[self._label_index[label]]) for label in target.labels}
+        ranked = sorted(target.labels, key=lambda label: -p[label])
+        strong = tuple(label for label in ranked if p[label] >= target.settings.off_threshold)
+        drivers = strong or tuple(ranked[:1])
+        self._drivers[row, i] = drivers
+        stream = self.streams[row]
         return Event(
-            id=f"{self.stream}:{slug(target.name)}:{start}", stream=self.stream, target=target.name, state="ON",
-            labels=self._drivers[i], start_sample=start, end_sample=None, start_time=self._start_wall[i],
+            id=f"{stream}:{slug(target.name)}:{start}", stream=stream, target=target.name, state="ON",
+            labels=drivers, start_sample=start, end_sample=None, start_time=start_wall,
             end_time=None, peak=float(score), mean=float(score),
         )
 
-    def _close(self, i: int, end_sample: int, wall_time: float | None, reason: str) -> Event:
+    def _close(self, row: int, i: int, end_sample: int, wall_time: float | None, reason: str) -> Event:
         target = self.targets[i]
-        self.active[i] = False
-        self._below_since[i] = -1
-        start = int(self._start[i])
+        self.active[row, i] = False
+        self._below_since[row, i] = -1
+        start = int(self._start[row, i])
+        stream = self.streams[row]
         return Event(
-            id=f"{self.stream}:{slug(target.name)}:{start}", stream=self.stream, target=target.name, state="OFF",
-            labels=self._drivers.pop(i, ()), start_sample=start, end_sample=max(end_sample, start),
-            start_time=self._start_wall.pop(i, None), end_time=self._wall(max(end_sample, start), wall_time),
-            peak=float(self._peak[i]), mean=float(self._sum[i] / max(self._count[i], 1)), closed_by=reason,
+            id=f"{stream}:{slug(target.name)}:{start}", stream=stream, target=target.name, state="OFF",
+            labels=self._drivers.pop((row, i), ()), start_sample=start, end_sample=max(end_sample, start),
+            start_time=self._start_wall.pop((row, i), None),
+            end_time=self._wall(row, max(end_sample, start), wall_time),
+            peak=float(self._peak[row, i]), mean=float(self._sum[row, i] / max(self._count[row, i], 1)),
+            closed_by=reason,
         )
+
+    def close_all(self, row: int, reason: str) -> list[Event]:
+        """Close every open event of one stream (it ended, the daemon stops), at its newest audio."""
+        end = int(self._last_end[row])
+        wall = None if np.isnan(self._last_wall[row]) else float(self._last_wall[row])
+        return [self._close(row, int(i), end, wall, reason) for i in np.flatnonzero(self.active[row])]
+
+    def active_targets(self, row: int) -> list[str]:
+        return [self.targets[i].name for i in np.flatnonzero(self.active[row])]
+
+
+def rounds(streams: Sequence[int]) -> list[list[int]]:
+    """Split a batch's windows (their stream indices, in order) into rounds for
+    :meth:`SmootherBank.update`: round k holds each stream's k-th window, so a stream's
+    windows are applied in order and a live batch (one window a stream) is one round."""
+    out: list[list[int]] = []
+    seen: dict[int, int] = {}
+    for position, stream in enumerate(streams):
+        k = seen.get(stream, 0)
+        seen[stream] = k + 1
+        if k == len(out):
+            out.append([])
+        out[k].append(position)
+    return out
+
+
+class EventSmoother:
+    """One stream's targets: ``update`` with each window's probabilities, get ON/OFF events.
+
+    A view of a one-stream :class:`SmootherBank` (the same arithmetic the pipeline uses
+    for all its streams at once), for scoring one recording: scenes, training's validation.
+    """
+
+    def __init__(self, stream: str, labels: tuple[str, ...], targets: list[Target], window_samples: int) -> None:
+        self.stream = stream
+        self.labels = labels
+        self.targets = targets
+        self.window_samples = window_samples
+        self._bank = SmootherBank((stream,), labels, targets, window_samples)
+        self._row = np.zeros(1, dtype=np.int64)
+
+    def reset(self) -> None:
+        self._bank.reset()
+
+    @property
+    def raw(self) -> np.ndarray:
+        return self._bank.raw[0]
+
+    @property
+    def smoothed(self) -> np.ndarray:
+        return self._bank.smoothed[0]
+
+    @property
+    def active(self) -> np.ndarray:
+        return self._bank.active[0]
+
+    @property
+    def windows(self) -> int:
+        return int(self._bank.windows[0])
+
+    def target_scores(self, probs: np.ndarray) -> np.ndarray:
+        return self._bank.target_scores(probs)[0]
+
+    def update(self, start_sample: int, probs: np.ndarray, wall_time: float | None = None) -> list[Event]:
+        """Feed one window (its first sample, its probabilities); return the transitions it causes."""
+        walls = None if wall_time is None else np.array([wall_time], dtype=np.float64)
+        return [e for _, e in self._bank.update(self._row, np.array([start_sample]), np.atleast_2d(probs), walls)]
 
     def close_all(self, reason: str) -> list[Event]:
         """Close every open event (stream ended, daemon stopping), at the newest audio."""
-        end = self._last_end
-        return [self._close(int(i), end, self._last_wall, reason) for i in np.flatnonzero(self.active)]
+        return self._bank.close_all(0, reason)
 
     def active_targets(self) -> list[str]:
-        return [self.targets[i].name for i in np.flatnonzero(self.active)]
+        return self._bank.active_targets(0)

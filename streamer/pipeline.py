@@ -28,7 +28,7 @@ import torch
 from streamer.capture.ingest import Ingest
 from streamer.capture.sources import FileSource, Source
 from streamer.constants import SAMPLE_RATE_HZ
-from streamer.events import Event, EventSmoother, Target
+from streamer.events import Event, SmootherBank, Target, rounds
 from streamer.features.fbank import LEVEL_FLOOR_DBFS, window_samples
 from streamer.features.frames import FrameBank, WindowRef
 from streamer.features.gate import WindowGate
@@ -158,20 +158,20 @@ class Pipeline:
         with self._lock:
             for slot in self.streams:
                 why = reason or ("stream-end" if slot.source.state.value in ("ended", "failed") else "shutdown")
-                self._emit(slot.index, self.smoothers[slot.index].close_all(why))
+                self._emit(slot.index, self.smoother.close_all(slot.index, why))
 
     def reload(self, targets: list[Target], min_level_dbfs: float | None = None) -> None:
         """New detect settings: open events close (reason ``reload``), the smoothers start afresh."""
         self.gate.min_level_dbfs = min_level_dbfs
         with self._lock:
             for slot in self.streams:
-                self._emit(slot.index, self.smoothers[slot.index].close_all("reload"))
+                self._emit(slot.index, self.smoother.close_all(slot.index, "reload"))
             self.set_targets(targets)
 
     def set_targets(self, targets: list[Target]) -> None:
         """(Re)build the smoothers; called at start and on reload (after :meth:`close_events`)."""
         self.targets = targets
-        self.smoothers = [EventSmoother(s.name, self.labels, targets, self.window_span) for s in self.streams]
+        self.smoother = SmootherBank([s.name for s in self.streams], self.labels, targets, self.window_span)
         self._on = np.array([t.settings.on_threshold for t in targets])
         self._off = np.array([t.settings.off_threshold for t in targets])
         self._target_names = tuple(t.name for t in targets)
@@ -272,19 +272,36 @@ class Pipeline:
             self._deliver_locked(refs, probs, latencies)
 
     def _deliver_locked(self, refs: list[WindowRef], probs: np.ndarray, latencies: list[float]) -> None:
-        for ref, row, latency in zip(refs, probs, latencies):
-            smoother = self.smoothers[ref.stream]
-            events = smoother.update(ref.start_sample, row, ref.wall_time)
-            if self.on_window is not None:
-                self.on_window(ref, row, latency)
-            if events:
-                self._emit(ref.stream, events)
-            if self._want_scores:
-                self.hub.publish(Scores(
-                    stream=smoother.stream, start_sample=ref.start_sample, end_sample=ref.start_sample + self.window_span,
-                    wall_time=ref.wall_time, probabilities=row, targets=self._target_names,
-                    target_scores=smoother.smoothed.copy(), on_thresholds=self._on, off_thresholds=self._off,
-                    active=tuple(smoother.active_targets()), gated=not row.any()))
+        bank = self.smoother
+        for positions in rounds([ref.stream for ref in refs]):  # one numpy pass per round (live: the batch)
+            batch = [refs[k] for k in positions]
+            rows = np.fromiter((ref.stream for ref in batch), np.int64, len(batch))
+            starts = np.fromiter((ref.start_sample for ref in batch), np.int64, len(batch))
+            walls = np.fromiter((np.nan if ref.wall_time is None else ref.wall_time for ref in batch),
+                                np.float64, len(batch))
+            round_probs = probs[positions] if len(positions) < len(refs) else probs
+            events = bank.update(rows, starts, round_probs, walls)
+            by_window: dict[int, list[Event]] = {}
+            for b, event in events:
+                by_window.setdefault(b, []).append(event)
+            if self.on_window is None and not self._want_scores:
+                for b, mine in by_window.items():
+                    self._emit(batch[b].stream, mine)
+                continue
+            for b, ref in enumerate(batch):
+                row = round_probs[b]
+                if self.on_window is not None:
+                    self.on_window(ref, row, latencies[positions[b]])
+                if b in by_window:
+                    self._emit(ref.stream, by_window[b])
+                if self._want_scores:
+                    self.hub.publish(Scores(
+                        stream=self.streams[ref.stream].name, start_sample=ref.start_sample,
+                        end_sample=ref.start_sample + self.window_span, wall_time=ref.wall_time,
+                        probabilities=row, targets=self._target_names,
+                        target_scores=bank.smoothed[ref.stream].copy(), on_thresholds=self._on,
+                        off_thresholds=self._off, active=tuple(bank.active_targets(ref.stream)),
+                        gated=not row.any()))
 
     def _emit(self, stream: int, events: list[Event]) -> None:
         for event in events:

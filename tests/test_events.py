@@ -172,3 +172,58 @@ def test_detect_writes_events_jsonl(tiny_checkpoint, tmp_path):
     assert [(e["state"], e["target"], e["closed_by"]) for e in lines] == [("ON", label, None), ("OFF", label, "stream-end")]
     assert lines[0]["start_sample"] == 0 and lines[0]["stream"] == "scene" and lines[0]["file"] == str(wav)
     assert lines[1]["end_sample"] > lines[1]["start_sample"]
+
+
+def test_the_bank_updates_many_streams_at_once_exactly_as_one_smoother_each():
+    """The pipeline's SmootherBank (one numpy pass per batch) against one EventSmoother per
+    stream, on random score sequences that make events, with every kind of knob."""
+    from streamer.events import SmootherBank, rounds
+
+    rng = np.random.default_rng(7)
+    settings = DetectSettings.from_dict({
+        "groups": {"alarm": {"labels": [LABELS[0], LABELS[1]], "combine": "noisy_or"}, "loud": [LABELS[2], LABELS[4]]},
+        "defaults": {"hold": 1.0, "cooldown": 2.0, "min_on": 1.0},
+        "targets": {"Speech": {"smoothing": "median", "median_windows": 3}, "alarm": {"smoothing": "none"},
+                    "Dog": {"smoothing": "median", "median_windows": 2, "on_threshold": 0.6}},
+    })
+    targets = settings.targets(LABELS)
+    names = [f"s{k}" for k in range(6)]
+    # bursts: runs of high scores, so that events open and close
+    steps = 60
+    probs = np.where(rng.random((len(names), steps, 1)) < 0.3, rng.random((len(names), steps, len(LABELS))),
+                     0.05 * rng.random((len(names), steps, len(LABELS))))
+    probs = np.repeat(probs, 2, axis=1)  # each value held 2 windows: long enough for min_on
+    singles = [EventSmoother(n, LABELS, targets, WINDOW) for n in names]
+    expected = []
+    for s, smoother in enumerate(singles):
+        for k in range(probs.shape[1]):
+            wall = None if s == 3 else 500.0 + k
+            expected += [(s, k, e) for e in smoother.update(k * HOP, probs[s, k], wall_time=wall)]
+        expected += [(s, probs.shape[1], e) for e in smoother.close_all("shutdown")]
+    bank = SmootherBank(names, LABELS, targets, WINDOW)
+    got = []
+    # a batch holds windows of streams in any mix, a stream's several windows in order
+    order = [(s, k) for k in range(probs.shape[1]) for s in range(len(names))]
+    batches = [order[i:i + 7] for i in range(0, len(order), 7)]
+    for batch in batches:
+        for positions in rounds([s for s, _ in batch]):
+            items = [batch[p] for p in positions]
+            rows = np.array([s for s, _ in items])
+            walls = np.array([np.nan if s == 3 else 500.0 + k for s, k in items])
+            out = bank.update(rows, np.array([k * HOP for _, k in items]), np.stack([probs[s, k] for s, k in items]),
+                              walls)
+            got += [(items[b][0], items[b][1], e) for b, e in out]
+    for s in range(len(names)):
+        got += [(s, probs.shape[1], e) for e in bank.close_all(s, "shutdown")]
+    assert len(expected) > 20  # the sequences do make events
+    key = lambda item: (item[0], item[1])  # noqa: E731
+    assert sorted(got, key=key) == sorted(expected, key=key)
+    np.testing.assert_array_equal(bank.smoothed, np.stack([s.smoothed for s in singles]))
+
+
+def test_rounds_keep_each_streams_windows_in_order():
+    from streamer.events import rounds
+
+    assert rounds([0, 1, 2]) == [[0, 1, 2]]
+    assert rounds([0, 0, 1, 0, 1]) == [[0, 2], [1, 4], [3]]
+    assert rounds([]) == []
