@@ -35,6 +35,8 @@ STATE_DIR_DEFAULT = "state"  # relative to $STATE_DIRECTORY (systemd) or to the 
 MQTT_MAX_BYTES = 65_535  # an MQTT string (topic, client id) is at most this many bytes of UTF-8
 MQTT_NAME_ROOM = 1_024  # a name is part of longer topics: leave this much room for the rest
 URL_MAX_CHARS = 8_192
+MIB = 1 << 20
+DAY_S = 86_400.0
 HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 
 
@@ -353,12 +355,12 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
     m = check.keys(raw.get("model"), MODEL_KEYS, ("model",))
     model = ModelConfig(
         path=overrides.get("model") or check.typed(m, "path", str, ("model",), ModelConfig.path),
-        device=check.typed(m, "device", str, ("model",), "auto"),
-        precision=check.typed(m, "precision", str, ("model",), "auto", choices=PRECISION_CHOICES),
-        max_batch=check.typed(m, "max_batch", int, ("model",), 8, 1, 1024),
-        max_wait_ms=float(check.typed(m, "max_wait_ms", (int, float), ("model",), 20.0, 0, 10_000)),
-        threads=check.typed(m, "threads", int, ("model",), None, 1, 1024),
-        added_delay_ms=float(check.typed(m, "added_delay_ms", (int, float), ("model",), 0.0, 0, 600_000)),
+        device=check.typed(m, "device", str, ("model",), ModelConfig.device),
+        precision=check.typed(m, "precision", str, ("model",), ModelConfig.precision, choices=PRECISION_CHOICES),
+        max_batch=check.typed(m, "max_batch", int, ("model",), ModelConfig.max_batch, 1, 1024),
+        max_wait_ms=float(check.typed(m, "max_wait_ms", (int, float), ("model",), ModelConfig.max_wait_ms, 0, 10_000)),
+        threads=check.typed(m, "threads", int, ("model",), ModelConfig.threads, 1, 1024),
+        added_delay_ms=float(check.typed(m, "added_delay_ms", (int, float), ("model",), ModelConfig.added_delay_ms, 0, 600_000)),
     )
 
     sources: list[SourceConfig] = []
@@ -395,18 +397,20 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
             sources.append(SourceConfig(
                 name=name or f"source{i}", type=kind or "file", device=device,
                 path=check.typed(s, "path", str, p), url=check.typed(s, "url", str, p),
-                gain=float(check.typed(s, "gain", (int, float), p, 1.0, 0, 1000)),
-                channels=check.typed(s, "channels", int, p, None, 1, 64), channel=check.typed(s, "channel", int, p, None, 0, 63),
-                realtime=check.typed(s, "realtime", bool, p, True), loop=check.typed(s, "loop", bool, p, False),
+                gain=float(check.typed(s, "gain", (int, float), p, SourceConfig.gain, 0, 1000)),
+                channels=check.typed(s, "channels", int, p, SourceConfig.channels, 1, 64),
+                channel=check.typed(s, "channel", int, p, SourceConfig.channel, 0, 63),
+                realtime=check.typed(s, "realtime", bool, p, SourceConfig.realtime),
+                loop=check.typed(s, "loop", bool, p, SourceConfig.loop),
             ))
 
     raw_hop = overrides.get("hop") or raw.get("hop")
     hop_auto = raw_hop == "auto"
-    hop = 1.0
+    hop = Config.hop
     if isinstance(raw_hop, str) and not hop_auto:
         check.error(("hop",), f"expected a number of seconds ({HOP_MIN_S}–{HOP_MAX_S}) or auto, got {raw_hop!r}")
     elif not hop_auto:
-        hop = overrides.get("hop") or check.typed(raw, "hop", (int, float), (), 1.0, HOP_MIN_S, HOP_MAX_S)
+        hop = overrides.get("hop") or check.typed(raw, "hop", (int, float), (), Config.hop, HOP_MIN_S, HOP_MAX_S)
     if not hop_auto and abs(round(hop * 100) - hop * 100) > 1e-6:
         check.error(("hop",), f"{hop} is not a whole number of 10 ms frames")
 
@@ -429,22 +433,22 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
             tp = ("mqtt", "tls")
             tls = TlsSettings(ca_certs=check.typed(t, "ca", str, tp), certfile=check.typed(t, "cert", str, tp),
                               keyfile=check.typed(t, "key", str, tp), keyfile_password=check.typed(t, "key_password", str, tp),
-                              insecure=check.typed(t, "insecure", bool, tp, False))
+                              insecure=check.typed(t, "insecure", bool, tp, TlsSettings.insecure))
         mqtt = MqttSettings(
-            host=host or "localhost",
-            port=overrides.get("mqtt_port") or check.typed(q, "port", int, ("mqtt",), 1883, 1, 65535),
-            prefix=check.typed(q, "prefix", str, ("mqtt",), "streamer"),
-            instance=check.typed(q, "instance", str, ("mqtt",), None),
-            client_id=check.typed(q, "client_id", str, ("mqtt",), None),
-            username=check.typed(q, "username", str, ("mqtt",), None),
-            password=check.typed(q, "password", str, ("mqtt",), None),
-            keepalive=check.typed(q, "keepalive", int, ("mqtt",), 30, 5, 3600),
-            protocol=str(check.typed(q, "protocol", (str, int, float), ("mqtt",), "3.1.1")),
+            host=host or MqttSettings.host,
+            port=overrides.get("mqtt_port") or check.typed(q, "port", int, ("mqtt",), MqttSettings.port, 1, 65535),
+            prefix=check.typed(q, "prefix", str, ("mqtt",), MqttSettings.prefix),
+            instance=check.typed(q, "instance", str, ("mqtt",), MqttSettings.instance),
+            client_id=check.typed(q, "client_id", str, ("mqtt",), MqttSettings.client_id),
+            username=check.typed(q, "username", str, ("mqtt",), MqttSettings.username),
+            password=check.typed(q, "password", str, ("mqtt",), MqttSettings.password),
+            keepalive=check.typed(q, "keepalive", int, ("mqtt",), MqttSettings.keepalive, 5, 3600),
+            protocol=str(check.typed(q, "protocol", (str, int, float), ("mqtt",), MqttSettings.protocol)),
             tls=tls,
-            queue_size=check.typed(q, "queue_size", int, ("mqtt",), 10_000, 1, 10_000_000),
-            homeassistant=check.typed(q, "homeassistant", bool, ("mqtt",), True),
-            discovery_prefix=check.typed(q, "discovery_prefix", str, ("mqtt",), "homeassistant"),
-            event_expiry_s=check.typed(q, "event_expiry", int, ("mqtt",), 3600, 0, 10**7),
+            queue_size=check.typed(q, "queue_size", int, ("mqtt",), MqttSettings.queue_size, 1, 10_000_000),
+            homeassistant=check.typed(q, "homeassistant", bool, ("mqtt",), MqttSettings.homeassistant),
+            discovery_prefix=check.typed(q, "discovery_prefix", str, ("mqtt",), MqttSettings.discovery_prefix),
+            event_expiry_s=check.typed(q, "event_expiry", int, ("mqtt",), MqttSettings.event_expiry_s, 0, 10**7),
         )
         if mqtt.protocol not in ("3.1.1", "5", "5.0"):
             check.error(("mqtt", "protocol"), "must be 3.1.1 or 5")
@@ -464,24 +468,24 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
     c = check.keys(raw.get("console"), {"mode"}, ("console",))
     if c.get("mode") is False:  # YAML 1.1 reads an unquoted `off` as false: the user meant "off"
         c = {**c, "mode": "off"}
-    console = ConsoleConfig(mode=check.typed(c, "mode", str, ("console",), "auto", choices=("auto", "live", "lines", "json", "off")))
+    console = ConsoleConfig(mode=check.typed(c, "mode", str, ("console",), ConsoleConfig.mode, choices=("auto", "live", "lines", "json", "off")))
     lg = check.keys(raw.get("logging"), {"level"}, ("logging",))
-    level = check.typed(lg, "level", str, ("logging",), "info", choices=("debug", "info", "warning", "error"))
+    level = check.typed(lg, "level", str, ("logging",), Config.log_level, choices=("debug", "info", "warning", "error"))
 
     metrics = None
     mt = check.keys(raw.get("metrics"), {"enabled", "host", "port"}, ("metrics",))
     if mt and check.typed(mt, "enabled", bool, ("metrics",), False):
-        metrics = MetricsConfig(host=check.typed(mt, "host", str, ("metrics",), "127.0.0.1"),
-                                port=check.typed(mt, "port", int, ("metrics",), 9464, 0, 65535))
+        metrics = MetricsConfig(host=check.typed(mt, "host", str, ("metrics",), MetricsConfig.host),
+                                port=check.typed(mt, "port", int, ("metrics",), MetricsConfig.port, 0, 65535))
     clips = None
     cl = check.keys(raw.get("clips"), {"enabled", "directory", "pre", "post", "max_mb", "max_days"}, ("clips",))
     if cl and check.typed(cl, "enabled", bool, ("clips",), False):
         clips = ClipSettings(
-            directory=Path(check.typed(cl, "directory", str, ("clips",), "clips")),
-            pre=float(check.typed(cl, "pre", (int, float), ("clips",), 2.0, 0, 60)),
-            post=float(check.typed(cl, "post", (int, float), ("clips",), 2.0, 0, 60)),
-            max_bytes=int(check.typed(cl, "max_mb", (int, float), ("clips",), 1024, 1, 10**7) * 2**20),
-            max_age_s=float(check.typed(cl, "max_days", (int, float), ("clips",), 30, 0.001, 36500)) * 86400,
+            directory=Path(check.typed(cl, "directory", str, ("clips",), str(ClipSettings.directory))),
+            pre=float(check.typed(cl, "pre", (int, float), ("clips",), ClipSettings.pre, 0, 60)),
+            post=float(check.typed(cl, "post", (int, float), ("clips",), ClipSettings.post, 0, 60)),
+            max_bytes=int(check.typed(cl, "max_mb", (int, float), ("clips",), ClipSettings.max_bytes / MIB, 1, 10**7) * MIB),
+            max_age_s=float(check.typed(cl, "max_days", (int, float), ("clips",), ClipSettings.max_age_s / DAY_S, 0.001, 36500)) * DAY_S,
         )
     state_value = check.typed(raw, "state_dir", str, (), None)
     if isinstance(state_value, str) and (not state_value or "\0" in state_value):
@@ -496,26 +500,27 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
     journal = JournalSettings(
         path=state_dir / _expand_user(Path(journal_path)),
         max_events=check.typed(jn, "max_events", int, ("journal",), JournalSettings.max_events, 1, 100_000_000),
-        max_age_s=float(check.typed(jn, "max_days", (int, float), ("journal",), JournalSettings.max_age_s / 86400,
-                                    0.001, 36500)) * 86400,
+        max_age_s=float(check.typed(jn, "max_days", (int, float), ("journal",), JournalSettings.max_age_s / DAY_S,
+                                    0.001, 36500)) * DAY_S,
     )
     # -- web (the page, its live feed, the history; /metrics and /healthz when enabled) --
     w = check.keys(raw.get("web"), WEB_KEYS, ("web",))
     web = WebSettings(
-        enabled=check.typed(w, "enabled", bool, ("web",), False),
-        host=check.typed(w, "host", str, ("web",), "127.0.0.1"),
-        port=check.typed(w, "port", int, ("web",), 8765, 0, 65535),
-        token=check.typed(w, "token", str, ("web",), None),
-        history=state_dir / _expand_user(Path(check.typed(w, "history", str, ("web",), "history.sqlite3") or "history.sqlite3")),
-        history_days=float(check.typed(w, "history_days", (int, float), ("web",), 30, 0.001, 36500)),
+        enabled=check.typed(w, "enabled", bool, ("web",), WebSettings.enabled),
+        host=check.typed(w, "host", str, ("web",), WebSettings.host),
+        port=check.typed(w, "port", int, ("web",), WebSettings.port, 0, 65535),
+        token=check.typed(w, "token", str, ("web",), WebSettings.token),
+        history=state_dir / _expand_user(Path(check.typed(w, "history", str, ("web",), str(WebSettings.history))
+                                                       or WebSettings.history)),
+        history_days=float(check.typed(w, "history_days", (int, float), ("web",), WebSettings.history_days, 0.001, 36500)),
     )
     if web.token is not None and len(web.token) < WEB_TOKEN_MIN_CHARS:
         check.error(("web", "token"), f"too short: use at least {WEB_TOKEN_MIN_CHARS} characters (not shown: a secret)")
     if web.enabled and not web.token and not is_loopback(web.host):
         check.error(("web", "host"), f"{web.host} is reachable from other machines: set web.token "
                     "(e.g. ${STREAMER_WEB_TOKEN}) or bind 127.0.0.1")
-    ring_seconds = float(check.typed(raw, "ring_seconds", (int, float), (), 30.0, 12, 3600))
-    level_interval = float(check.typed(raw, "level_interval", (int, float), (), 10.0, 0.1, 86400))
+    ring_seconds = float(check.typed(raw, "ring_seconds", (int, float), (), Config.ring_seconds, 12, 3600))
+    level_interval = float(check.typed(raw, "level_interval", (int, float), (), Config.level_interval_s, 0.1, 86400))
     if check.problems:
         raise ConfigError(check.problems)
     return Config(model=model, sources=tuple(sources), hop=float(hop), hop_auto=hop_auto, detect=detect, mqtt=mqtt, console=console,

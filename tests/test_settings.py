@@ -26,3 +26,25 @@ def test_the_shipped_config_shows_every_default():
     assert differ == ["detect"]  # the example targets; the knobs themselves are the defaults
     assert a.detect.defaults == b.detect.defaults and a.detect.min_level_dbfs == b.detect.min_level_dbfs
     assert a.mqtt is not None and a.web is not None  # the comparison did look at those sections
+
+
+def test_a_section_that_sets_nothing_gets_the_dataclass_defaults():
+    """Each default lives once, in its dataclass: the parser reads it from there."""
+    from streamer.settings import Config, ConsoleConfig, MetricsConfig, ModelConfig, SourceConfig
+    from streamer.sinks.clips import ClipSettings
+    from streamer.sinks.mqtt import MqttSettings
+    from streamer.sinks.web import WebSettings
+
+    config = parse_config({"sources": [{"name": "a", "type": "file", "path": "x.wav"}],
+                           **{s: {"enabled": True} for s in OPTIONAL}}, base_dir=REPO)
+    assert config.model == ModelConfig()
+    assert config.sources[0] == SourceConfig(name="a", type="file", path="x.wav")
+    assert config.console == ConsoleConfig() and config.metrics == MetricsConfig()
+    assert config.mqtt == MqttSettings()
+    assert config.clips == ClipSettings()
+    assert dataclasses.replace(config.web, history=WebSettings.history) == WebSettings(enabled=True)
+    defaults = Config()
+    for name in ("hop", "hop_auto", "ring_seconds", "log_level", "level_interval_s", "detect"):
+        assert getattr(config, name) == getattr(defaults, name), name
+    assert config.journal.max_events == defaults.journal.max_events
+    assert config.journal.max_age_s == defaults.journal.max_age_s

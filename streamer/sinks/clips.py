@@ -52,7 +52,7 @@ def is_clip_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class ClipSettings:
-    directory: Path
+    directory: Path = Path("clips")
     pre: float = 2.0  # seconds before the event's start
     post: float = 2.0  # seconds after its end
     max_bytes: int = 1 << 30
