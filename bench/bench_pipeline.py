@@ -94,6 +94,8 @@ def scrape(port: int) -> dict:
             out[le] = float(value)
         elif base == "streamer_window_latency_seconds_count":
             out["lat_count"] = float(value)
+        elif base in ("streamer_batch_size_sum", "streamer_batch_size_count"):
+            out[base] = float(value)
     return out
 
 
@@ -148,10 +150,12 @@ def measure(streams: int, args, model: Path, audio: Path, work: Path) -> dict:
             profiler = subprocess.Popen([args.py_spy, "record", "-d", str(int(args.seconds) - 2), "-r", "50", "-f", "raw",
                                          "--nonblocking", "--threads", "-o", str(work / f"profile-{streams}.txt"), "--pid",
                                          str(daemon.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        gpu = gpu_sampler(args.seconds) if args.device.startswith("cuda") else None
         while time.monotonic() < end:
             time.sleep(1.0)
             threads_peak = max(threads_peak, proc(daemon.pid)[1])
         m1, (c1, t, rss), w1 = scrape(port), proc(daemon.pid), time.monotonic()
+        gpu_busy = gpu_utilisation(gpu)
         if profiler is not None:
             profiler.wait(30)
         span = w1 - w0
@@ -165,6 +169,11 @@ def measure(streams: int, args, model: Path, audio: Path, work: Path) -> dict:
             "threads_peak": max(threads_peak, t),
             "rss_mib": round(rss / 2**20),
         }
+        batches = m1.get("streamer_batch_size_count", 0) - m0.get("streamer_batch_size_count", 0)
+        if batches:
+            result["mean_batch"] = round((m1["streamer_batch_size_sum"] - m0["streamer_batch_size_sum"]) / batches, 1)
+        if gpu_busy is not None:
+            result["gpu_busy_pct"] = gpu_busy
         result["sustained"] = (result["skipped_per_s"] == 0 and result["latency_p99_s"] is not None
                                and result["latency_p99_s"] < 1.0 and result["windows_per_s"] >= 0.95 * streams / args.hop)
         return result
@@ -175,6 +184,25 @@ def measure(streams: int, args, model: Path, audio: Path, work: Path) -> dict:
         except subprocess.TimeoutExpired:
             daemon.kill()
         log.close()
+
+
+def gpu_sampler(seconds: float) -> subprocess.Popen | None:
+    """nvidia-smi sampling the GPU's utilisation every 500 ms over the span (None: no nvidia-smi)."""
+    try:
+        return subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                 "-lms", "500"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError:
+        return None
+
+
+def gpu_utilisation(sampler: subprocess.Popen | None) -> float | None:
+    """Mean of the samples taken (the fraction of time a kernel ran, as nvidia-smi counts it)."""
+    if sampler is None:
+        return None
+    sampler.terminate()
+    out, _ = sampler.communicate(timeout=10)
+    values = [float(v) for v in out.split() if v.strip().replace(".", "", 1).isdigit()]
+    return round(sum(values) / len(values), 1) if values else None
 
 
 def machine() -> dict:

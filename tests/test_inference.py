@@ -44,7 +44,9 @@ def engine_for(directory, precision="fp32", device="cpu", **kwargs) -> Inference
 def test_graph_batch_sizes():
     assert graph_batch_sizes(1) == (1,)
     assert graph_batch_sizes(8) == (1, 2, 4, 8)
-    assert graph_batch_sizes(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert graph_batch_sizes(48) == (1, 2, 4, 8, 16, 24, 32, 40, 48)
+    assert graph_batch_sizes(5) == (1, 2, 4, 5)
+    assert graph_batch_sizes(20) == (1, 2, 4, 8, 16, 20)
 
 
 def test_fp32_engine_equals_the_model_and_batching_does_not_change_results(tiny_checkpoint):

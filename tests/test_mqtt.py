@@ -346,6 +346,8 @@ def test_old_per_entity_configs_are_cleared_once(broker):
     try:
         assert wait_for(lambda: all(sub.on(t) and sub.on(t)[-1].payload == "" for t in legacy), 10)
         assert sub.on(stranger)[-1].payload != ""  # not ours: untouched
+        # every clearing acknowledged first: an unacknowledged QoS 1 message is (rightly) sent again
+        assert wait_for(lambda: pub.queue_length() == 0 and pub.inflight() == 0, 10)
         cleared = sum(1 for m in sub.messages if m.topic in legacy and m.payload == "")
         pub._client.reconnect()  # a reconnect finds nothing left to clear
         assert wait_for(lambda: pub.stats.connects >= 2 and pub.queue_length() == 0, 10)

@@ -240,6 +240,7 @@ def test_a_stalled_browser_loses_frames_counted_and_never_slows_the_sink(tmp_pat
         assert wait_for(lambda: len(sink._clients) == 2, 10)
         rows = np.random.default_rng(0).normal(0, 1, (300, 128)).astype(np.float16)  # big frames fill the socket fast
         slowest = [0.0]
+        handled = [0]
 
         def pipeline():  # 16 streams' items, as the hub's thread hands them over, until the test ends
             end = 0
@@ -252,15 +253,19 @@ def test_a_stalled_browser_loses_frames_counted_and_never_slows_the_sink(tmp_pat
                         t0 = time.perf_counter()
                         sink.handle(item)
                         slowest[0] = max(slowest[0], time.perf_counter() - t0)
+                        handled[0] += 1
                 time.sleep(0.05)
 
         threading.Thread(target=pipeline, daemon=True).start()
         assert wait_for(lambda: sink.dropped >= 3, 20), "the stalled browser's frames should have been dropped"
         got = len(frames)
         assert wait_for(lambda: len(frames) > got + 4, 5), "the healthy browser stopped getting frames"
-        # handle() never waits on a socket: a stalled reader would hold it for seconds; 0.25 s leaves room
-        # for a busy shared CPU (it is typically well under a millisecond)
-        assert slowest[0] < 0.25, f"handle() took {slowest[0] * 1000:.1f} ms with a stalled browser"
+        # handle() never waits on a socket: a write to the stalled reader would block for good, so the
+        # pipeline's thread keeps going (typically well under a millisecond a call; the bound only
+        # leaves room for a loaded machine's scheduling)
+        done = handled[0]
+        assert wait_for(lambda: handled[0] > done + 100, 10), "handle() stopped with a stalled browser"
+        assert slowest[0] < 2.0, f"handle() took {slowest[0] * 1000:.1f} ms with a stalled browser"
         assert any(kind == "snapshot" for _, kind, _ in frames)
         assert raw_get(sink.port, "/metrics", host="evil.example:80")[0] == 403  # DNS rebinding
         assert raw_get(sink.port, "/healthz", host="evil.example")[0] == 200
