@@ -148,7 +148,7 @@ def measure(streams: int, args, model: Path, audio: Path, work: Path) -> dict:
         profiler = None
         if args.py_spy:  # where the daemon's time goes, per thread (not part of the figures)
             profiler = subprocess.Popen([args.py_spy, "record", "-d", str(int(args.seconds) - 2), "-r", "50", "-f", "raw",
-                                         "--nonblocking", "--threads", "-o", str(work / f"profile-{streams}.txt"), "--pid",
+                                         "--nonblocking", "--threads", *(["--gil"] if args.py_spy_gil else []), "-o", str(work / f"profile-{streams}.txt"), "--pid",
                                          str(daemon.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         gpu = gpu_sampler(args.seconds) if args.device.startswith("cuda") else None
         while time.monotonic() < end:
@@ -242,6 +242,7 @@ def main() -> None:
     parser.add_argument("--stop-after-fail", action="store_true", help="stop at the first N not sustained")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--py-spy", help="path of py-spy: profile each N's measuring span into the work folder")
+    parser.add_argument("--py-spy-gil", action="store_true", help="sample only the thread holding the GIL")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "bench_pipeline")
     args = parser.parse_args()
     model = full_size_model(args.model)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,10 @@ from streamer.sinks.base import Scores, SinkHub, Spectrogram
 
 log = logging.getLogger(__name__)
 
+# The scoring thread releases the GIL at every torch call and must win it back from the
+# ingest thread; at CPython's default 5 ms a feed of ~50 calls could wait 250 ms for it
+# (the "convoy effect"), starving the GPU while the cores were half idle.
+GIL_SWITCH_INTERVAL_S = 0.001
 MAX_READ_SECONDS = 4.0  # audio one stream may bring into one feed: bounds the frontend's work per step
 SPECTROGRAM_STEP = 10  # live views get rows of 10 frames averaged (100 ms)
 
@@ -138,6 +143,7 @@ class Pipeline:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "Pipeline":
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         self.worker.start()
         for slot in self.streams:
             self.ingest.add(slot.source)

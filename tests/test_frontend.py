@@ -177,3 +177,13 @@ def test_stereo_is_downmixed_to_the_channel_mean(tmp_path):
     path = tmp_path / "stereo.wav"
     sf.write(path, np.stack([left, right], axis=1), 16000, subtype="FLOAT")
     assert np.allclose(read_audio(path), (left + right) / 2, atol=1e-7)
+
+
+def test_gpu_frame_batches_are_padded_to_a_few_sizes():
+    """cuFFT plans are per batch size: the batched frontend pads to four sizes an octave."""
+    from streamer.features.fbank import FFT_MIN_ROWS, fft_rows
+
+    sizes = {fft_rows(n) for n in range(1, 200_000)}
+    assert len(sizes) <= 4 * 18
+    for n in (1, 63, 64, 65, 100, 1000, 3001, 150_000):
+        assert n <= fft_rows(n) <= max(FFT_MIN_ROWS, 1.25 * n)

@@ -262,3 +262,31 @@ def test_a_failing_camera_never_logs_its_password(scheme, caplog):
     lines = [r.getMessage() for r in caplog.records] + shown
     assert any("admin:***@127.0.0.1" in line and "Connection refused" in line for line in lines), lines
     assert not [line for line in lines if password in line]
+
+
+def test_the_pacer_runs_many_due_calls_on_one_timer_never_early_and_honours_cancel():
+    import asyncio
+
+    from streamer.capture.ingest import Pacer
+
+    loop = asyncio.new_event_loop()
+    try:
+        pacer = Pacer(loop)
+        start = loop.time()
+        ran: list[tuple[int, float, float]] = []
+        calls = {}
+        for k in range(300):  # 300 sources, due times spread over 0.3 s, in shuffled order
+            due = start + 0.05 + ((k * 37) % 300) / 1000
+            calls[k] = pacer.call_at(due, lambda k=k, due=due: ran.append((k, due, loop.time())))
+        for k in range(0, 300, 10):
+            calls[k].cancel()
+        timers = sum(not h.cancelled() for h in loop._scheduled)  # asyncio's timer heap: the pacer keeps one entry
+        loop.call_at(start + 0.6, loop.stop)
+        loop.run_forever()
+    finally:
+        loop.close()
+    assert timers == 1
+    assert sorted(k for k, _, _ in ran) == [k for k in range(300) if k % 10]
+    assert all(at >= due for _, due, at in ran)  # never early
+    dues = [due for _, due, _ in ran]
+    assert dues == sorted(dues)  # in due order

@@ -6,8 +6,8 @@ one event loop does all of it:
 
 * ffmpeg's stdout and stderr pipes are non-blocking and multiplexed by the loop's selector;
 * real-time file sources are decoded block by block, each block written when its last
-  sample is due — the loop keeps the due times in one heap and sleeps in ``select`` until
-  the next one;
+  sample is due — one :class:`Pacer` keeps every source's due time in one heap behind a
+  single loop timer, and the loop sleeps in ``select`` until the next one;
 * lossless (not real-time) file sources write only into the room their ring has behind
   the consumer, and are woken by the consumer's read (``RingBuffer.on_space``) when full;
 * microphone callbacks (PortAudio's own threads) only copy their block and wake the loop,
@@ -23,7 +23,10 @@ thread beyond its own.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
+import math
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -31,6 +34,65 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 5.0
+PACE_COALESCE_S = 0.01  # paced calls due within this of each other are served by one wake-up
+
+
+class PacedCall:
+    """A call queued on the :class:`Pacer`; ``cancel()`` as an asyncio handle's."""
+
+    __slots__ = ("callback", "cancelled")
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Pacer:
+    """Due-time calls of many sources on ONE loop timer (the loop's thread only).
+
+    Real-time file sources write a block every 100 ms each; with one asyncio timer per
+    block, 1500 sources meant 15,000 timer handles, heap operations and loop turns a
+    second — the ingest thread held the GIL more than the scoring thread. Here the due
+    calls sit in one heap; one timer wakes at the earliest (at most every
+    ``PACE_COALESCE_S``) and runs every call due by then. A call is never run early.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._heap: list[tuple[float, int, PacedCall]] = []
+        self._order = itertools.count()
+        self._armed_at = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> PacedCall:
+        call = PacedCall(callback)
+        heapq.heappush(self._heap, (when, next(self._order), call))
+        if when < self._armed_at:
+            self._arm(when)
+        return call
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._armed_at = when
+        self._timer = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._armed_at = None, math.inf
+        now = self._loop.time()
+        due = []
+        while self._heap and self._heap[0][0] <= now:  # calls queued while these run wait for the next wake
+            due.append(heapq.heappop(self._heap)[2])
+        for call in due:
+            if not call.cancelled:
+                call.callback()  # sources guard their own callbacks (Source._guarded)
+        while self._heap and self._heap[0][2].cancelled:
+            heapq.heappop(self._heap)
+        if self._heap:
+            self._arm(max(self._heap[0][0], now + PACE_COALESCE_S))
 
 
 class Driven(Protocol):
@@ -55,6 +117,7 @@ class Ingest:
         self.name = name
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(self._on_loop_error)
+        self._pacer = Pacer(self._loop)
         self._thread: threading.Thread | None = None
         self._sources: list[Driven] = []
         self._lock = threading.Lock()
@@ -129,6 +192,10 @@ class Ingest:
 
     def call_at(self, when: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
         return self._loop.call_at(when, callback)
+
+    def pace_at(self, when: float, callback: Callable[[], None]) -> PacedCall:
+        """Like :meth:`call_at`, for the many small due-time calls of paced sources (see :class:`Pacer`)."""
+        return self._pacer.call_at(when, callback)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
         return self._loop.call_later(delay, callback)

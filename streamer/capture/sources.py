@@ -233,6 +233,13 @@ class Source:
         else:
             self._timer = self._ingest.call_later(delay, self._guarded(fn))
 
+    def _pace(self, at: float, guarded: Callable[[], None]) -> None:
+        """Like :meth:`_schedule` at a due time, through the ingest's shared :class:`Pacer`
+        (``guarded``: a callback already wrapped by :meth:`_guarded`, made once)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._ingest.pace_at(at, guarded)
+
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -306,6 +313,7 @@ class FileSource(Source):
         self._sent = 0
         self._decoded = np.zeros(0, np.float32)  # real time: decoded, not yet due
         self._woken = False  # a wake-up from the reader is queued on the loop
+        self._paced_tick: Callable[[], None] | None = None  # _tick, guarded once (it runs 10 times a second)
 
     def _open(self) -> None:
         block = FILE_DECODE_SECONDS if self.realtime else BLOCK_SECONDS
@@ -356,7 +364,9 @@ class FileSource(Source):
             return
         self._sent += len(chunk)
         self._pending = chunk
-        self._schedule(0, self._tick, at=self._t0 + self._sent / SAMPLE_RATE_HZ)
+        if self._paced_tick is None:
+            self._paced_tick = self._guarded(self._tick)
+        self._pace(self._t0 + self._sent / SAMPLE_RATE_HZ, self._paced_tick)
 
     # -- lossless: write into the room behind the reader --------------------------------------
     def _pump(self) -> None:
