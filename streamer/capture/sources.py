@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RING_SECONDS = 30.0
 FILE_BLOCK_SECONDS = 0.1  # real-time file pacing granularity
-FILE_DECODE_SECONDS = 1.0  # a real-time file is decoded this much at a time (a read costs ~40 µs whatever its size)
+FILE_DECODE_SECONDS = 4.0  # a real-time file is decoded this much at a time (a read costs ~100 µs of Python whatever its size; 256 KiB a source)
 MIC_BLOCK_SECONDS = 0.02  # PortAudio callback size
 MIC_CHECK_S = 0.5  # how often a mic's stream is checked for a device that went away
 RAW_RING_MAX_SECONDS = 10.0

@@ -90,6 +90,9 @@ class FrameBank:
         # together would otherwise all have a window due at the same instant every hop
         self.phases = list(phases) if phases is not None else [0] * streams
         self.gaps = [0] * streams
+        self.due_end = [0] * streams  # next_window_end(stream), kept current (see _refresh_due)
+        for stream in range(streams):
+            self._refresh_due(stream)
 
     # -- how much audio a stream's next window needs ------------------------------------------
     def next_window_end(self, stream: int, windows: int = 1) -> int:
@@ -100,7 +103,12 @@ class FrameBank:
 
     def samples_wanted(self, stream: int, windows: int = 1) -> int:
         """Samples to read so that exactly the next ``windows`` windows complete (lossless pacing)."""
+        if windows == 1:  # asked for every marked stream at every feed: kept, not recomputed
+            return max(0, self.due_end[stream] - self.runs[stream].next_sample)
         return max(0, self.next_window_end(stream, windows) - self.runs[stream].next_sample)
+
+    def _refresh_due(self, stream: int) -> None:
+        self.due_end[stream] = self.next_window_end(stream)
 
     # -- audio in ------------------------------------------------------------------------------
     def push(self, chunks: list[tuple[int, int, np.ndarray]], clocks: list | None = None) -> tuple[list[WindowRef], list[tuple[int, torch.Tensor]]]:
@@ -121,6 +129,7 @@ class FrameBank:
                 refs.extend(self.finish(stream, clocks))  # a run cut short still gets its padded window
                 self.gaps[stream] += 1
                 self.runs[stream] = run = _Run(position, run.frame_count)
+                self._refresh_due(stream)
             run.next_sample += len(samples)
             run.seen += len(samples)
             buffer = np.concatenate((run.tail, samples)) if run.tail.size else np.asarray(samples, dtype=np.float32)
@@ -157,6 +166,7 @@ class FrameBank:
     def _window_ref(self, stream: int, run: _Run, clocks: list | None) -> WindowRef:
         end = self.max_length + self.phases[stream] + run.windows * self.hop_frames  # frames in the run at its end
         run.windows += 1
+        self._refresh_due(stream)
         start = run.first_sample + (end - self.max_length) * FRAME_SHIFT
         first_frame = run.frame_count - run.frames + end - self.max_length
         clock = clocks[stream] if clocks else None
@@ -169,11 +179,13 @@ class FrameBank:
         if run.windows or run.seen == 0:
             return []
         run.windows += 1
+        self._refresh_due(stream)
         first_frame = run.frame_count - run.frames
         return [WindowRef(stream, run.first_sample, first_frame, min(run.frames, self.max_length), None)]
 
     def reset(self, stream: int, position: int = 0) -> None:
         self.runs[stream] = _Run(position, self.runs[stream].frame_count)
+        self._refresh_due(stream)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         """Host → the bank's device without waiting: through pinned memory, so the copy queues

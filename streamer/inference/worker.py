@@ -100,6 +100,8 @@ class Worker:
         """New audio (``data``), a freed slot or a stop: look now. Cheap; safe from any thread."""
         if not data:
             self._kicked = True
+        elif self._wake.is_set():  # already pending (the loop clears it before it reads): skip the lock
+            return
         self._wake.set()
 
     def room(self, stream: int) -> int:
