@@ -9,6 +9,7 @@ file is refused with a log line and the old settings kept.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -147,6 +148,11 @@ class Daemon:
             # action would kill the daemon); SIGTERM/SIGINT keep theirs until ready: nothing to lose yet
             signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         self._build()
+        # What exists now (the model, the sources, their rings, the config) lives as long as the
+        # daemon: moved out of the collector's sight, a full collection no longer walks ~250k
+        # objects with the GIL held — a 0.2–0.7 s stall of every stream at 1500 sources
+        gc.collect()
+        gc.freeze()
         if self.web:
             self.web.start()  # the page, its live feed, /metrics and /healthz: one server (a busy port fails here, first)
         self.hub.start()
