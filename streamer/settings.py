@@ -53,7 +53,7 @@ class ModelConfig:
     path: str = "MIT/ast-finetuned-audioset-10-10-0.4593"
     device: str = "auto"
     precision: str = "auto"  # CPU: fastest path within 0.02 of fp32 (streamer.inference.cpu); GPU: bf16
-    max_batch: int = 8
+    max_batch: int | None = None  # `auto`: 8 on a CPU, 128 on a GPU (streamer.inference.engine)
     max_wait_ms: float = 20.0
     threads: int | None = None
     added_delay_ms: float = 0.0  # rehearsal knob: slow every batch down by this much
@@ -329,6 +329,13 @@ def _expand_env(value: Any, path: tuple, check: _Checker) -> Any:
     return value
 
 
+def _max_batch(m: dict, check: _Checker) -> int | None:
+    """``model.max_batch``: a number of windows, or ``auto`` (the device's default)."""
+    if m.get("max_batch") == "auto":
+        return None
+    return check.typed(m, "max_batch", int, ("model",), ModelConfig.max_batch, 1, 1024)
+
+
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate a config file; command-line ``overrides`` win over its keys."""
     text = read_config_text(path)
@@ -357,7 +364,7 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
         path=overrides.get("model") or check.typed(m, "path", str, ("model",), ModelConfig.path),
         device=check.typed(m, "device", str, ("model",), ModelConfig.device),
         precision=check.typed(m, "precision", str, ("model",), ModelConfig.precision, choices=PRECISION_CHOICES),
-        max_batch=check.typed(m, "max_batch", int, ("model",), ModelConfig.max_batch, 1, 1024),
+        max_batch=_max_batch(m, check),
         max_wait_ms=float(check.typed(m, "max_wait_ms", (int, float), ("model",), ModelConfig.max_wait_ms, 0, 10_000)),
         threads=check.typed(m, "threads", int, ("model",), ModelConfig.threads, 1, 1024),
         added_delay_ms=float(check.typed(m, "added_delay_ms", (int, float), ("model",), ModelConfig.added_delay_ms, 0, 600_000)),

@@ -89,6 +89,7 @@ def collect_windows(source, features: FeatureConfig, hop_frames: int, timeout: f
     return windows, reader
 
 
+@pytest.mark.slow
 def test_streamed_windows_equal_offline_windows_on_real_recordings(tmp_path, tiny_checkpoint):
     path, samples = joined_real_audio(tmp_path)
     features = FeatureConfig()
@@ -123,6 +124,7 @@ def test_realtime_file_source_windows_carry_wall_clock(tmp_path):
         assert t0 + end / 16000 - 0.5 < w.wall_time < t0 + end / 16000 + 1.0
 
 
+@pytest.mark.slow
 def test_slow_reader_counts_lost_audio_and_keeps_the_timeline(tmp_path):
     samples = np.random.default_rng(1).uniform(-0.3, 0.3, 16000 * 6).astype(np.float32)
     path = write_wav(tmp_path / "six.wav", samples)
@@ -201,6 +203,7 @@ def shut(server) -> None:
     server.server_close()
 
 
+@pytest.mark.slow
 def test_ffmpeg_source_survives_the_server_going_away_and_coming_back():
     need("ffmpeg")
     port = free_port()
@@ -226,6 +229,7 @@ def test_ffmpeg_source_survives_the_server_going_away_and_coming_back():
     assert source.state == SourceState.STOPPED
 
 
+@pytest.mark.slow
 def test_ffmpeg_source_restarts_a_stalled_stream():
     need("ffmpeg")
     port = free_port()

@@ -53,6 +53,7 @@ def daemon(config, env=None) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_daemon_events_on_mqtt_equal_detect_events_out(tmp_path, tiny_checkpoint, broker, scene):
     directory, _ = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
     config = write_config(tmp_path / "streamer.yaml", directory, scene, port=broker.port)
@@ -76,6 +77,7 @@ def test_daemon_events_on_mqtt_equal_detect_events_out(tmp_path, tiny_checkpoint
     sub.close()
 
 
+@pytest.mark.slow
 def test_sigterm_mid_event_publishes_off_and_offline(tmp_path, tiny_checkpoint, broker, scene):
     directory, hf = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
     label = hf.config.id2label[0]
@@ -125,6 +127,7 @@ def test_sighup_reloads_thresholds_and_refuses_a_broken_file(tmp_path, tiny_chec
         proc.kill()
 
 
+@pytest.mark.slow
 def test_systemd_notify_ready_watchdog_stopping(tmp_path, tiny_checkpoint, scene):
     directory, _ = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
     config = write_config(tmp_path / "streamer.yaml", directory, scene, realtime=True, loop=True)
@@ -186,6 +189,7 @@ def test_the_shipped_config_is_valid():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_metrics_health_and_clips(tmp_path, tiny_checkpoint, scene):
     import urllib.request
 
@@ -231,6 +235,7 @@ def test_metrics_health_and_clips(tmp_path, tiny_checkpoint, scene):
     assert rate == 16000 and abs(len(audio) - expected) <= 16000  # clipped to what was written at the time
 
 
+@pytest.mark.slow
 def test_unwritable_clips_directory_still_publishes_events(tmp_path, tiny_checkpoint, scene):
     directory, hf = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
     blocker = tmp_path / "not-a-dir"
@@ -248,6 +253,7 @@ def test_unwritable_clips_directory_still_publishes_events(tmp_path, tiny_checkp
     assert result.stderr.count("cannot write clips") == 1  # logged once, not per event
 
 
+@pytest.mark.slow
 def test_two_daemons_share_one_broker(tmp_path, tiny_checkpoint, broker, scene):
     directory, _ = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
     sub = Subscriber(broker.port, ["streamer/#", "homeassistant/#"])

@@ -115,6 +115,7 @@ def test_sigkill_mid_outage_then_restart_delivers_all_pending_in_order_each_once
     assert "pending from earlier runs" in err and "journal: raised" in err
 
 
+@pytest.mark.slow
 def test_reload_from_a_fifo_or_dev_zero_never_blocks_the_main_loop(tmp_path, tiny_checkpoint):
     """SIGHUP after the config was replaced by a FIFO, then by a symlink to /dev/zero: each
     reload is refused at once with one line, and SIGTERM is still obeyed promptly."""

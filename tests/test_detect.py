@@ -23,6 +23,7 @@ def reference_scores(hf_model, samples: np.ndarray, starts, max_length: int, **f
     return (logits.sigmoid() if hf_model.config.num_labels >= 100 else logits.softmax(-1)).numpy()
 
 
+@pytest.mark.slow
 def test_detect_scores_equal_transformers_on_a_real_clip(tiny_checkpoint, tmp_path):
     clip = next(p for p in real_clips() if p.parent.name == "crying_baby")  # ~7 s at 8 kHz
     directory, hf = tiny_checkpoint(max_length=128, num_labels=35)
@@ -45,6 +46,7 @@ def test_detect_scores_equal_transformers_on_a_real_clip(tiny_checkpoint, tmp_pa
     assert lines[1].split("\t")[1].strip() == "0.50s"
 
 
+@pytest.mark.slow
 def test_detect_full_length_windows_on_joined_real_clips(tiny_checkpoint, tmp_path):
     clips = [p for p in real_clips(per_label=1)][:12]
     joined = np.concatenate([read_audio(p) for p in clips])
@@ -62,6 +64,7 @@ def test_detect_full_length_windows_on_joined_real_clips(tiny_checkpoint, tmp_pa
     assert np.abs(data["scores"] - expected).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_short_file_gives_one_padded_window(tiny_checkpoint, tmp_path):
     clip = next(p for p in real_clips() if p.parent.name == "keys_drop")
     directory, hf = tiny_checkpoint(max_length=1024, num_labels=527)
@@ -74,6 +77,7 @@ def test_short_file_gives_one_padded_window(tiny_checkpoint, tmp_path):
     assert np.abs(data["scores"] - expected).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_several_files_in_one_archive(tiny_checkpoint, tmp_path):
     a, b = real_clips(per_label=1)[:2]
     directory, _ = tiny_checkpoint(max_length=128)

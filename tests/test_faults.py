@@ -121,6 +121,7 @@ def test_broker_down_at_start_killed_and_restarted_every_event_accounted_for(tmp
     broker.stop()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_event_the_last_will_tells_home_assistant(tmp_path, model, scene):
     broker = Broker(tmp_path)
     detect = {"include": ["LABEL_1"], "defaults": {"on_threshold": 0.0, "off_threshold": 0.0, "hold": 0}}
@@ -335,6 +336,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_disk_full_still_publishes_every_event_and_logs_once_per_interval(tmp_path, model, scene, tiny_disk):
     detect = {"include": ["LABEL_1*"], "defaults": {"on_threshold": 0.5, "off_threshold": 0.45, "hold": 0.25, "smoothing": "none"}}
     config = write_config(tmp_path, model, [file_source("scene", scene, realtime=False, loop=False)], detect=detect,

@@ -65,6 +65,7 @@ def _load(tmp_path: Path, text: str):
         return exc
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(doc=st.one_of(documents, shaped))
 def test_any_yaml_document_is_a_config_or_a_config_error(tmp_path, doc):
@@ -106,6 +107,7 @@ def test_the_valid_base_document_is_valid(tmp_path):
     assert isinstance(_load(tmp_path, yaml.safe_dump(VALID)), Config)
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(VALID_PATHS), value=documents, delete=st.booleans())
 def test_one_changed_value_in_a_valid_config_is_a_config_or_a_config_error(tmp_path, path, value, delete):

@@ -374,6 +374,7 @@ def test_level_is_published_while_connected(broker):
         sub.close()
 
 
+@pytest.mark.slow
 def test_daemon_reload_adds_and_removes_targets_in_home_assistant(tmp_path, tiny_checkpoint, broker):
     """The real daemon, SIGHUP with a new target list; a subscriber (and a late one) as witness."""
     import numpy as np

@@ -48,3 +48,15 @@ def test_a_section_that_sets_nothing_gets_the_dataclass_defaults():
         assert getattr(config, name) == getattr(defaults, name), name
     assert config.journal.max_events == defaults.journal.max_events
     assert config.journal.max_age_s == defaults.journal.max_age_s
+
+
+def test_max_batch_is_a_number_or_auto_the_devices_default():
+    import pytest
+
+    from streamer.settings import ConfigError
+
+    source = {"sources": [{"name": "a", "type": "file", "path": "x.wav"}]}
+    assert parse_config({**source, "model": {"max_batch": "auto"}}, base_dir=REPO).model.max_batch is None
+    assert parse_config({**source, "model": {"max_batch": 32}}, base_dir=REPO).model.max_batch == 32
+    with pytest.raises(ConfigError, match="max_batch"):
+        parse_config({**source, "model": {"max_batch": "lots"}}, base_dir=REPO)

@@ -55,6 +55,7 @@ def start(tmp_path, model, broker_port: int, metrics_port: int, stdout) -> subpr
                             stdout=stdout, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reader", ["never-read", "closed"])
 def test_a_stdout_nobody_reads_or_a_closed_one_does_not_stop_detection(tmp_path, tiny_checkpoint, broker, reader):
     model, _ = tiny_checkpoint(max_length=128, num_labels=LABELS, seed=4)

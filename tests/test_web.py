@@ -489,6 +489,7 @@ def test_page_in_a_real_browser_against_the_real_daemon(tmp_path, scenes):
         broker.stop()
 
 
+@pytest.mark.slow
 def test_lan_binding_of_the_real_daemon(tmp_path, scenes):
     """host 0.0.0.0 with a token (reached through 127.0.0.1): 401 without it, traversal and links refused."""
     from playwright.sync_api import sync_playwright

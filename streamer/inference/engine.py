@@ -41,7 +41,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 GPU_AUTO_PRECISION = "bf16"
 PER_WINDOW_PRECISIONS = ("int8", "onnx-int8")  # dynamic quantisation: scales depend on the whole batch
 SPEED_RUNS = 2  # timed batches behind seconds_per_window (after a warm one)
-DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_BATCH = 8  # windows per forward pass on a CPU, unless configured
+GPU_MAX_BATCH = 128  # ... and on a GPU
 DEFAULT_MAX_WAIT_MS = 20.0
 GRAPH_WARMUP_RUNS = 3
 GRAPH_STEP = 8  # CUDA graphs are captured for every multiple of this batch size (see graph_batch_sizes)
@@ -123,7 +124,7 @@ class InferenceEngine:
         loaded: LoadedModel,
         device: str = "cpu",
         precision: str = "fp32",
-        max_batch: int = DEFAULT_MAX_BATCH,
+        max_batch: int | None = None,
         threads: int | None = None,
         cuda_graphs: bool = True,
         compile: bool = False,
@@ -134,11 +135,14 @@ class InferenceEngine:
         in one line and kept in :attr:`choice`."""
         if precision not in PRECISIONS:
             raise StreamerError(f"unknown precision {precision!r} (use one of {', '.join(PRECISIONS)})")
-        if max_batch < 1:
+        if max_batch is not None and max_batch < 1:
             raise StreamerError(f"max_batch must be at least 1, got {max_batch}")
         self.loaded = loaded
         self.device = resolve_device(device)
-        self.max_batch = max_batch
+        # None: a CPU gains little from big batches (and waits longer for them); a GPU needs
+        # them to serve thousands of streams (bench/README.md: 1500 streams at 128)
+        self.max_batch = max_batch or (GPU_MAX_BATCH if self.device.type == "cuda" else DEFAULT_MAX_BATCH)
+        max_batch = self.max_batch
         self.stats = EngineStats()
         self._speed: dict[int, float] = {}
         on_gpu = self.device.type == "cuda"
