@@ -166,6 +166,21 @@ def test_hop_warning_says_the_numbers_and_the_fix():
     assert "use fewer streams" in capacity.hop_warning(5.0, 4, 1.0)
 
 
+def test_hop_warning_offers_the_cheaper_model_only_to_a_costlier_one():
+    from streamer.model.config import ASTConfig
+
+    full = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    ten, sixteen = ASTConfig(**full).window_gflop(), ASTConfig(**full, frequency_stride=16, time_stride=16).window_gflop()
+    assert abs(sixteen - capacity.CHEAPER_MODEL_GFLOP) < 2  # the constant is the 16-16 model's own cost
+    line = capacity.hop_warning(1.13, 1, 1.0, path="onnx-int8", model_gflop=ten, auto_precision=True)
+    assert "ast-finetuned-audioset-16-16" in line and "~2.7× less work" in line
+    assert "precision: auto" not in line  # auto already chose onnx-int8: nothing to gain by asking for it
+    same = capacity.hop_warning(0.74, 1, 1.0, path="onnx-fp32", model_gflop=sixteen, auto_precision=True)
+    assert same is not None and "16-16" not in same and "cheaper model" not in same  # it is already in use
+    assert "set hop: 1.06 or hop: auto" in same
+    assert "precision: auto" in capacity.hop_warning(0.74, 1, 1.0, path="fp32", model_gflop=sixteen)
+
+
 def test_settings_precision_auto_is_the_default_and_hop_auto_parses():
     cfg = parse_config(SOURCE)
     assert cfg.model.precision == "auto" and not cfg.hop_auto and cfg.hop == 1.0
