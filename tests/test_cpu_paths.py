@@ -129,6 +129,31 @@ def test_every_cpu_precision_scores_within_the_bound(tiny_checkpoint):
         assert engine.seconds_per_window(2) > 0
 
 
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu"])
+def test_prepacked_linears_give_the_models_scores(tiny_checkpoint, act):
+    """The bf16 path's oneDNN-prepacked layers (fp32 here: the same swap, any CPU) change no score."""
+    import copy
+
+    directory, _ = tiny_checkpoint(max_length=128, num_labels=527, hidden_act=act)
+    loaded = load_model(directory)
+    feats = torch.stack(real_windows(3, max_length=128))
+    model = copy.deepcopy(loaded.model)
+    layers = len(model.blocks)
+    assert cpu.prepack_linears(model, torch.float32) == 4 * layers  # qkv, proj, fc1, fc2 (not the last qkv), head
+    assert type(model.blocks[-1].attn.qkv) is torch.nn.Linear  # the last layer still slices its queries
+    assert (type(model.blocks[0].mlp.act) is torch.nn.Identity) == act.startswith("gelu")  # GELU fused into fc1
+    with torch.inference_mode():
+        ours = loaded.model.probabilities(loaded.model(feats))
+        packed = loaded.model.probabilities(model(feats))
+    assert (packed - ours).abs().max() <= 1e-5
+    if cpu.bf16_packing_supported():  # a CPU with native bf16 (AMX, AVX-512): packed bf16 against plain bf16
+        plain = cpu.bf16_forward(copy.deepcopy(loaded.model), packed=False)
+        fast = cpu.bf16_forward(copy.deepcopy(loaded.model), packed=True)
+        with torch.inference_mode():
+            assert (loaded.model.probabilities(fast(feats)) - ours).abs().max() <= cpu.ACCURACY_BOUND
+            assert (loaded.model.probabilities(plain(feats)) - ours).abs().max() <= cpu.ACCURACY_BOUND
+
+
 def test_unknown_or_unavailable_precisions_are_refused_clearly(tiny_checkpoint, monkeypatch):
     directory, _ = tiny_checkpoint(max_length=64)
     with pytest.raises(StreamerError, match="unknown precision 'onnx'"):

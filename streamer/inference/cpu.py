@@ -342,13 +342,85 @@ def build_forward(path: str, loaded: LoadedModel, threads: int, directory: Path 
         return loaded.model.eval()
     model = copy.deepcopy(loaded.model).eval()
     if path == "bf16":
-        model = model.to(torch.bfloat16)
-        return lambda x: model(x.to(torch.bfloat16)).float()
+        return bf16_forward(model)
     if path == "int8":
         from streamer.inference.engine import quantize_int8
 
         return quantize_int8(model)
     raise StreamerError(f"unknown CPU path {path!r}")
+
+
+def bf16_packing_supported() -> bool:
+    """Whether oneDNN runs bf16 GEMMs natively here (AVX-512-BW/VL/DQ, AVX-NE-CONVERT, AMX)."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedLinear(torch.nn.Module):
+    """``nn.Linear`` (optionally with the GELU after it) on oneDNN, its weight reordered once at build.
+
+    Why: torch's CPU linear hands oneDNN a plain row-major weight at every call, and oneDNN's
+    AMX / AVX-512 kernels first copy it into the blocked layout they read — for every GEMM
+    of every window (4 per layer). Reordering once, as inductor's weight freezing does,
+    removes that copy; fc1's GELU runs as the GEMM's post-op instead of another pass over
+    an activation 4× the width. The weight is kept only in the packed form (no extra memory).
+    """
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype, gelu: str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().to(dtype).contiguous()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # opaque oneDNN tensor: not a buffer
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype).contiguous()
+        self.attr, self.algorithm = ("gelu", gelu) if gelu else ("none", "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.attr, [], self.algorithm)
+
+
+def prepack_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Swap the encoder's and the head's Linear layers for :class:`PackedLinear` (in place); how many.
+
+    The last layer's qkv stays a plain Linear: that layer computes only the two pooled
+    tokens' queries from a slice of its weight (see ``Attention.forward``). fc1 takes its
+    GELU along where the activation is one (exact or tanh).
+    """
+    swapped = 0
+    blocks = list(model.blocks)
+    for i, block in enumerate(blocks):
+        attn, mlp = block.attn, block.mlp
+        if i < len(blocks) - 1:
+            attn.qkv = PackedLinear(attn.qkv, dtype)
+            swapped += 1
+        attn.proj = PackedLinear(attn.proj, dtype)
+        if isinstance(mlp.act, torch.nn.GELU):
+            mlp.fc1, mlp.act = PackedLinear(mlp.fc1, dtype, gelu=mlp.act.approximate), torch.nn.Identity()
+        else:
+            mlp.fc1 = PackedLinear(mlp.fc1, dtype)
+        mlp.fc2 = PackedLinear(mlp.fc2, dtype)
+        swapped += 3
+    if isinstance(model.head.fc, torch.nn.Linear):
+        model.head.fc = PackedLinear(model.head.fc, dtype)
+        swapped += 1
+    return swapped
+
+
+def bf16_forward(model: torch.nn.Module, packed: bool | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The torch bf16 path on ``model`` (a copy it may change): fp32 features in, fp32 logits out.
+
+    With ``packed`` (default: where oneDNN has native bf16, see :func:`bf16_packing_supported`)
+    the Linear layers are :class:`PackedLinear`; elsewhere plain torch bf16 (emulated on
+    AVX2: slow, which is why ``auto`` tries bf16 only with bf16 units).
+    """
+    model = model.eval().to(torch.bfloat16)
+    if packed is None:
+        packed = bf16_packing_supported()
+    if packed:
+        count = prepack_linears(model, torch.bfloat16)
+        log.debug("bf16: %d Linear layers prepacked for oneDNN", count)
+    return lambda x: model(x.to(torch.bfloat16)).float()
 
 
 def _per_window(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
