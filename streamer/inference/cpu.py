@@ -21,7 +21,8 @@ others (nothing to gain; decided from the config, not a timing, so a busy box do
 make a tiny model export). The choice is cached next to the ONNX export (see :func:`cache_dir`) keyed by the CPU
 model, its flags, the thread count, the checkpoint's hash and the runtime versions, so the
 next start is instant. The ONNX files are exported from our own model once per checkpoint
-(opset :data:`ONNX_OPSET`) and quantised with ``onnxruntime.quantization.quantize_dynamic``.
+(opset :data:`ONNX_OPSET`) and quantised with ``onnxruntime.quantization.quantize_dynamic``
+(the GEMMs of :func:`int8_nodes` only: what keeps the full-size models within the bound).
 """
 
 from __future__ import annotations
