@@ -163,6 +163,9 @@ def test_prepacked_linears_give_the_models_scores(tiny_checkpoint, act):
         ours = loaded.model.probabilities(loaded.model(feats))
         packed = loaded.model.probabilities(model(feats))
     assert (packed - ours).abs().max() <= 1e-5
+    engine = engine_for(directory, "bf16")  # the daemon's bf16 path packs exactly where oneDNN has native bf16
+    assert any(isinstance(m, cpu.PackedLinear) for m in engine.model.modules()) == cpu.bf16_packing_supported()
+    assert np.abs(engine.predict(list(feats)) - ours.numpy()).max() <= cpu.ACCURACY_BOUND
     if cpu.bf16_packing_supported():  # a CPU with native bf16 (AMX, AVX-512): packed bf16 against plain bf16
         plain = cpu.bf16_forward(copy.deepcopy(loaded.model), packed=False)
         fast = cpu.bf16_forward(copy.deepcopy(loaded.model), packed=True)

@@ -170,6 +170,11 @@ class InferenceEngine:
             model = quantize_int8(model)
         else:
             model = model.to(device=self.device, dtype=self.dtype)
+            if precision == "bf16" and not on_gpu:
+                from streamer.inference import cpu
+
+                if cpu.bf16_packing_supported():  # oneDNN's native bf16: weights reordered once, not every call
+                    cpu.prepack_linears(model, torch.bfloat16)
         if self.choice is not None:
             self.choice.forward = None  # the engine holds what it runs; no second reference
         self.model = model
