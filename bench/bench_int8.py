@@ -51,9 +51,12 @@ def recipes(graph_path: Path) -> dict[str, dict]:
         "u8": dict(weight_type=QuantType.QUInt8),  # u8×u8: no int16 saturation of u8×s8 on AVX2 without VNNI
         "no-head": dict(weight_type=s8, nodes_to_exclude=edges),
         "ln": dict(weight_type=s8, nodes_to_quantize=ln),  # qkv and fc1 (the LayerNorm-fed GEMMs)
-        "ln+fc2": dict(weight_type=s8, nodes_to_quantize=ln + fc2),  # every layer GEMM but proj: onnx-int8 now
-        "noproj": dict(weight_type=s8, nodes_to_quantize=cpu.int8_nodes(graph_path)),  # the same, as cpu.py picks it
+        "ln+fc2": dict(weight_type=s8, nodes_to_quantize=ln + fc2),  # every layer GEMM but proj
+        "noproj": dict(weight_type=s8, nodes_to_quantize=ln + fc2),
         "mlp": dict(weight_type=s8, nodes_to_quantize=fc1 + fc2),  # 2/3 of a layer's GEMM work
+        "ln+fc2-first-half": dict(weight_type=s8, nodes_to_quantize=ln + fc2[: len(fc2) // 2]),
+        "ln+fc2-last-half": dict(weight_type=s8, nodes_to_quantize=ln + fc2[len(fc2) // 2:]),  # onnx-int8 now
+        "cpu": dict(weight_type=s8, nodes_to_quantize=cpu.int8_nodes(graph_path)),  # the same, as cpu.py picks it
         "u8-ln": dict(weight_type=QuantType.QUInt8, nodes_to_quantize=ln),
     }
 
