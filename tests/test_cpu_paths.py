@@ -31,7 +31,7 @@ def test_cpu_features_decide_the_candidates(tmp_path):
     epyc = cpu.cpu_features(fake_cpuinfo(tmp_path, "AMD EPYC 7B13", "fpu sse avx fma avx2"))
     assert epyc.model == "AMD EPYC 7B13" and "avx2" in epyc.flags and not epyc.bf16_units
     assert epyc.describe() == "AMD EPYC 7B13 avx2, no bf16 units"
-    assert cpu.candidates(epyc, onnx=True) == ["fp32", "onnx-fp32", "onnx-int8"]  # bf16 is emulated here: 10× slower
+    assert cpu.candidates(epyc, onnx=True) == ["fp32", "onnx-fp32", "onnx-int8", "onnx-int8-all"]  # bf16 is emulated here: 10× slower
     assert cpu.candidates(epyc, onnx=False) == ["fp32", "int8"]
     xeon = cpu.cpu_features(fake_cpuinfo(tmp_path, "Intel Xeon Platinum 8481C", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile"))
     assert xeon.bf16_units and "bf16" in cpu.candidates(xeon, onnx=True)
@@ -73,6 +73,9 @@ def test_int8_quantises_qkv_fc1_and_the_later_fc2_only(tiny_checkpoint):
     assert cpu.INT8_RECIPE in int8.name  # a new recipe never reuses an old quantised file
     ops = [n.op_type for n in onnx_lib.load(str(int8)).graph.node]
     assert ops.count("MatMulInteger") == len(nodes) and "ConvInteger" not in ops  # nothing else quantised
+    every = cpu.export_onnx(loaded, where, int8="onnx-int8-all")  # the other recipe `auto` tries: every GEMM
+    assert every != int8 and ops.count("MatMulInteger") < [n.op_type for n in
+                                                           onnx_lib.load(str(every)).graph.node].count("MatMulInteger")
 
 
 def test_export_is_cached_next_to_the_checkpoint_or_in_the_user_cache(tiny_checkpoint, tmp_path, monkeypatch):

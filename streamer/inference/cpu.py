@@ -57,9 +57,13 @@ CACHE_SUBDIR = ".streamer-cache"  # inside the checkpoint directory, when it is 
 USER_CACHE_ENV = "STREAMER_CACHE_DIR"
 HASH_CHUNK_BYTES = 1 << 24
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-CPU_PATHS = ("fp32", "bf16", "int8", "onnx-fp32", "onnx-int8")
-ONNX_PATHS = ("onnx-fp32", "onnx-int8")
-INT8_RECIPE = "qkv-fc1-late-fc2"  # which MatMuls onnx-int8 quantises (see int8_nodes); part of the file's and the choice's key
+CPU_PATHS = ("fp32", "bf16", "int8", "onnx-fp32", "onnx-int8", "onnx-int8-all")
+ONNX_PATHS = ("onnx-fp32", "onnx-int8", "onnx-int8-all")
+# which MatMuls each int8 path quantises (see int8_nodes); part of the file's and the choice's key.
+# `auto` tries both and keeps the faster within the bound: every GEMM (the 10-10 model: 0.015)
+# or the mixed recipe where that is too coarse (the 16-16 model: 0.025 → 0.015)
+INT8_RECIPES = {"onnx-int8": "qkv-fc1-late-fc2", "onnx-int8-all": "all"}
+INT8_RECIPE = INT8_RECIPES["onnx-int8"]
 
 
 @dataclass(frozen=True)
@@ -179,8 +183,9 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def export_onnx(loaded: LoadedModel, directory: Path, int8: bool = False) -> Path:
-    """Our model as ONNX (logits out), exported once into ``directory``; int8 is quantised from it."""
+def export_onnx(loaded: LoadedModel, directory: Path, int8: bool | str = False) -> Path:
+    """Our model as ONNX (logits out), exported once into ``directory``; int8 is quantised from it
+    (``int8``: a path of :data:`INT8_RECIPES`, or True for ``onnx-int8``)."""
     fp32 = directory / f"model-{_versions()}.onnx"
     if not fp32.is_file():
         t0 = time.perf_counter()
@@ -200,13 +205,14 @@ def export_onnx(loaded: LoadedModel, directory: Path, int8: bool = False) -> Pat
         log.info("exported the model to ONNX in %.1f s: %s", time.perf_counter() - t0, fp32)
     if not int8:
         return fp32
-    quantised = fp32.with_name(f"{fp32.stem}-int8-{INT8_RECIPE}.onnx")
+    recipe = INT8_RECIPES["onnx-int8" if int8 is True else int8]
+    quantised = fp32.with_name(f"{fp32.stem}-int8-{recipe}.onnx")
     if not quantised.is_file():
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         t0 = time.perf_counter()
-        nodes = int8_nodes(fp32)
-        if not nodes:
+        nodes = int8_nodes(fp32) if recipe != "all" else None  # all: every MatMul, as quantize_dynamic does
+        if nodes == []:
             raise StreamerError(f"{fp32.name}: no MatMul with a constant weight to quantise (an unexpected graph)")
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)  # the quantiser logs a line per tensor (and advice) on the root logger
@@ -215,8 +221,8 @@ def export_onnx(loaded: LoadedModel, directory: Path, int8: bool = False) -> Pat
                                                                   nodes_to_quantize=nodes))
         finally:
             logging.disable(previous)
-        log.info("quantised %d MatMuls of the ONNX model to int8 in %.1f s: %s", len(nodes), time.perf_counter() - t0,
-                 quantised)
+        log.info("quantised %s MatMuls of the ONNX model to int8 in %.1f s: %s", len(nodes) if nodes else "all",
+                 time.perf_counter() - t0, quantised)
     return quantised
 
 
@@ -372,7 +378,7 @@ def build_forward(path: str, loaded: LoadedModel, threads: int, directory: Path 
             raise StreamerError(f"precision {path} needs ONNX Runtime: pip install onnxruntime onnx (or use precision auto)")
         if directory is None:
             directory = cache_dir(loaded, model_hash(loaded))
-        return OnnxForward(export_onnx(loaded, directory, int8=path == "onnx-int8"), threads)
+        return OnnxForward(export_onnx(loaded, directory, int8=path if path in INT8_RECIPES else False), threads)
     if path == "fp32":
         return loaded.model.eval()
     model = copy.deepcopy(loaded.model).eval()
@@ -503,7 +509,7 @@ def measure(loaded: LoadedModel, paths: list[str], threads: int, directory: Path
 
 def _choice_file(directory: Path, features: CpuFeatures, threads: int) -> Path:
     versions = _versions() if onnxruntime_available() else f"torch{torch.__version__}"
-    key = hashlib.sha256(f"{features.key()}|{threads}|{versions}|{CHECK_WINDOWS}|{ACCURACY_BOUND}|{INT8_RECIPE}".encode()
+    key = hashlib.sha256(f"{features.key()}|{threads}|{versions}|{CHECK_WINDOWS}|{ACCURACY_BOUND}|{sorted(INT8_RECIPES.items())}".encode()
                          ).hexdigest()[:16]
     return directory / f"precision-auto-{key}.json"
 

@@ -35,11 +35,12 @@ from streamer.features.windows import Window
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "onnx-fp32", "onnx-int8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "onnx-fp32", "onnx-int8", "onnx-int8-all")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32,
-           "onnx-fp32": torch.float32, "onnx-int8": torch.float32}
+           "onnx-fp32": torch.float32, "onnx-int8": torch.float32,
+           "onnx-int8-all": torch.float32}
 GPU_AUTO_PRECISION = "bf16"
-PER_WINDOW_PRECISIONS = ("int8", "onnx-int8")  # dynamic quantisation: scales depend on the whole batch
+PER_WINDOW_PRECISIONS = ("int8", "onnx-int8", "onnx-int8-all")  # dynamic quantisation: scales depend on the whole batch
 SPEED_RUNS = 2  # timed batches behind seconds_per_window (after a warm one)
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_WAIT_MS = 20.0
@@ -151,7 +152,7 @@ class InferenceEngine:
                     self._speed[1] = self.choice.seconds_per_window
                 log.info(self.choice.log_line())
         self.precision = precision
-        if precision in ("int8", "onnx-fp32", "onnx-int8") and on_gpu:
+        if precision in ("int8", "onnx-fp32", "onnx-int8", "onnx-int8-all") and on_gpu:
             raise StreamerError(f"precision {precision} is for the CPU; on a GPU use bf16 or fp16 (or auto)")
         self.dtype = _DTYPES[precision]
         shape = (loaded.features.max_length, loaded.features.num_mel_bins)
@@ -159,7 +160,7 @@ class InferenceEngine:
 
         model = loaded.model.eval()  # the engine owns it from here on (no second copy in memory)
         onnx_forward = None
-        if precision in ("onnx-fp32", "onnx-int8"):
+        if precision in ("onnx-fp32", "onnx-int8", "onnx-int8-all"):
             from streamer.inference import cpu
 
             onnx_forward = self.choice.forward if self.choice and self.choice.forward else cpu.build_forward(precision, loaded, self.threads)
