@@ -285,6 +285,10 @@ def cpu_paths(model_dir: Path, threads: int, include_transformers: bool, cheaper
         t0 = time.perf_counter()
         paths[f"ours {name}"] = cpu.build_forward(name, loaded, threads)
         log.info("built %s in %.1f s", name, time.perf_counter() - t0)
+    if features.bf16_units:  # the bf16 path's weight prepacking, measured against plain torch bf16 in the same rounds
+        import copy
+
+        paths["ours bf16 unpacked"] = cpu.bf16_forward(copy.deepcopy(loaded.model), packed=False)
     if cheaper is not None:
         small = load_model(cheaper)
         grid = f"{small.config.frequency_stride}-{small.config.time_stride}"

@@ -268,7 +268,9 @@ class Daemon:
         if cfg.hop_auto:
             log.info("hop auto: %.2f s (%d stream(s) × %.3f s per window on %s, 30%% headroom)",
                      hop, n, spw, self.engine.precision)
-        if line := capacity.hop_warning(spw, n, hop, self.engine.max_batch, path=self.engine.precision):
+        if line := capacity.hop_warning(spw, n, hop, self.engine.max_batch, path=self.engine.precision,
+                                        model_gflop=self.engine.loaded.config.window_gflop(),
+                                        auto_precision=cfg.model.precision == "auto"):
             log.warning(line)
         return hop
 

@@ -28,7 +28,7 @@ from streamer.sinks.web import WebSettings, is_loopback
 
 DEFAULT_CONFIG = Path("config/streamer.yaml")
 HOP_MIN_S, HOP_MAX_S = 0.1, 10.0
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8", "onnx-fp32", "onnx-int8")  # as inference.engine.PRECISIONS
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8", "onnx-fp32", "onnx-int8", "onnx-int8-all")  # as inference.engine.PRECISIONS
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KiB; anything past 1 MiB is a mistake (or /dev/zero)
 STATE_DIR_DEFAULT = "state"  # relative to $STATE_DIRECTORY (systemd) or to the config file's directory

@@ -31,7 +31,7 @@ def test_cpu_features_decide_the_candidates(tmp_path):
     epyc = cpu.cpu_features(fake_cpuinfo(tmp_path, "AMD EPYC 7B13", "fpu sse avx fma avx2"))
     assert epyc.model == "AMD EPYC 7B13" and "avx2" in epyc.flags and not epyc.bf16_units
     assert epyc.describe() == "AMD EPYC 7B13 avx2, no bf16 units"
-    assert cpu.candidates(epyc, onnx=True) == ["fp32", "onnx-fp32", "onnx-int8"]  # bf16 is emulated here: 10× slower
+    assert cpu.candidates(epyc, onnx=True) == ["fp32", "onnx-fp32", "onnx-int8", "onnx-int8-all"]  # bf16 is emulated here: 10× slower
     assert cpu.candidates(epyc, onnx=False) == ["fp32", "int8"]
     xeon = cpu.cpu_features(fake_cpuinfo(tmp_path, "Intel Xeon Platinum 8481C", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile"))
     assert xeon.bf16_units and "bf16" in cpu.candidates(xeon, onnx=True)
@@ -55,6 +55,27 @@ def test_exported_runtime_model_equals_ours(tiny_checkpoint, config):
     int8 = cpu.build_forward("onnx-int8", loaded, threads=1)
     got8 = np.concatenate([loaded.model.probabilities(int8(feats[i:i + 1])).numpy() for i in range(len(feats))])
     assert 0 < np.abs(got8 - ours).max() <= cpu.ACCURACY_BOUND  # quantised (not the fp32 file), and close
+
+
+def test_int8_quantises_qkv_fc1_and_the_later_fc2_only(tiny_checkpoint):
+    """qkv and fc1 of every layer, fc2 of the later half; the last layer's qkv is sliced for its two
+    queries (not a constant weight), proj, the patch embedding and the classifier stay fp32."""
+    import onnx as onnx_lib
+
+    directory, _ = tiny_checkpoint(max_length=128, num_labels=527, num_hidden_layers=4)
+    loaded = load_model(directory)
+    where = cpu.cache_dir(loaded, cpu.model_hash(loaded))
+    nodes = cpu.int8_nodes(cpu.export_onnx(loaded, where))
+    expected = [f"/blocks.{i}/attn/qkv/MatMul" for i in range(3)] + [f"/blocks.{i}/mlp/fc1/MatMul" for i in range(4)] \
+        + ["/blocks.2/mlp/fc2/MatMul", "/blocks.3/mlp/fc2/MatMul"]
+    assert sorted(nodes) == sorted(expected), nodes
+    int8 = cpu.export_onnx(loaded, where, int8=True)
+    assert cpu.INT8_RECIPE in int8.name  # a new recipe never reuses an old quantised file
+    ops = [n.op_type for n in onnx_lib.load(str(int8)).graph.node]
+    assert ops.count("MatMulInteger") == len(nodes) and "ConvInteger" not in ops  # nothing else quantised
+    every = cpu.export_onnx(loaded, where, int8="onnx-int8-all")  # the other recipe `auto` tries: every GEMM
+    assert every != int8 and ops.count("MatMulInteger") < [n.op_type for n in
+                                                           onnx_lib.load(str(every)).graph.node].count("MatMulInteger")
 
 
 def test_export_is_cached_next_to_the_checkpoint_or_in_the_user_cache(tiny_checkpoint, tmp_path, monkeypatch):
@@ -129,6 +150,34 @@ def test_every_cpu_precision_scores_within_the_bound(tiny_checkpoint):
         assert engine.seconds_per_window(2) > 0
 
 
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu"])
+def test_prepacked_linears_give_the_models_scores(tiny_checkpoint, act):
+    """The bf16 path's oneDNN-prepacked layers (fp32 here: the same swap, any CPU) change no score."""
+    import copy
+
+    directory, _ = tiny_checkpoint(max_length=128, num_labels=527, hidden_act=act)
+    loaded = load_model(directory)
+    feats = torch.stack(real_windows(3, max_length=128))
+    model = copy.deepcopy(loaded.model)
+    layers = len(model.blocks)
+    assert cpu.prepack_linears(model, torch.float32) == 4 * layers  # qkv, proj, fc1, fc2 (not the last qkv), head
+    assert type(model.blocks[-1].attn.qkv) is torch.nn.Linear  # the last layer still slices its queries
+    assert (type(model.blocks[0].mlp.act) is torch.nn.Identity) == act.startswith("gelu")  # GELU fused into fc1
+    with torch.inference_mode():
+        ours = loaded.model.probabilities(loaded.model(feats))
+        packed = loaded.model.probabilities(model(feats))
+    assert (packed - ours).abs().max() <= 1e-5
+    engine = engine_for(directory, "bf16")  # the daemon's bf16 path packs exactly where oneDNN has native bf16
+    assert any(isinstance(m, cpu.PackedLinear) for m in engine.model.modules()) == cpu.bf16_packing_supported()
+    assert np.abs(engine.predict(list(feats)) - ours.numpy()).max() <= cpu.ACCURACY_BOUND
+    if cpu.bf16_packing_supported():  # a CPU with native bf16 (AMX, AVX-512): packed bf16 against plain bf16
+        plain = cpu.bf16_forward(copy.deepcopy(loaded.model), packed=False)
+        fast = cpu.bf16_forward(copy.deepcopy(loaded.model), packed=True)
+        with torch.inference_mode():
+            assert (loaded.model.probabilities(fast(feats)) - ours).abs().max() <= cpu.ACCURACY_BOUND
+            assert (loaded.model.probabilities(plain(feats)) - ours).abs().max() <= cpu.ACCURACY_BOUND
+
+
 def test_unknown_or_unavailable_precisions_are_refused_clearly(tiny_checkpoint, monkeypatch):
     directory, _ = tiny_checkpoint(max_length=64)
     with pytest.raises(StreamerError, match="unknown precision 'onnx'"):
@@ -164,6 +213,21 @@ def test_hop_warning_says_the_numbers_and_the_fix():
     assert "hop 1 s" in line and "1.95 s per window (onnx-int8)" in line and "195%" in line and "limit 70%" in line
     assert "set hop: 2.79 or hop: auto" in line and "ast-finetuned-audioset-16-16" in line
     assert "use fewer streams" in capacity.hop_warning(5.0, 4, 1.0)
+
+
+def test_hop_warning_offers_the_cheaper_model_only_to_a_costlier_one():
+    from streamer.model.config import ASTConfig
+
+    full = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    ten, sixteen = ASTConfig(**full).window_gflop(), ASTConfig(**full, frequency_stride=16, time_stride=16).window_gflop()
+    assert abs(sixteen - capacity.CHEAPER_MODEL_GFLOP) < 2  # the constant is the 16-16 model's own cost
+    line = capacity.hop_warning(1.13, 1, 1.0, path="onnx-int8", model_gflop=ten, auto_precision=True)
+    assert "ast-finetuned-audioset-16-16" in line and "~2.7× less work" in line
+    assert "precision: auto" not in line  # auto already chose onnx-int8: nothing to gain by asking for it
+    same = capacity.hop_warning(0.74, 1, 1.0, path="onnx-fp32", model_gflop=sixteen, auto_precision=True)
+    assert same is not None and "16-16" not in same and "cheaper model" not in same  # it is already in use
+    assert "set hop: 1.06 or hop: auto" in same
+    assert "precision: auto" in capacity.hop_warning(0.74, 1, 1.0, path="fp32", model_gflop=sixteen)
 
 
 def test_settings_precision_auto_is_the_default_and_hop_auto_parses():

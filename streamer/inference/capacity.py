@@ -17,6 +17,8 @@ AUTO_HOP_MIN_S = 0.5  # never score more often than twice a second
 HOP_STEP_S = 0.01  # hops are whole 10 ms feature frames
 HOP_MAX_S = 10.0  # as settings.HOP_MAX_S: a window is 10.24 s, a longer hop leaves gaps
 CHEAPER_MODEL = "MIT/ast-finetuned-audioset-16-16-0.442"
+CHEAPER_MODEL_GFLOP = 97.0  # its ASTConfig.window_gflop(): 512 patches, 12 layers of 768
+CHEAPER_WORTH = 1.5  # suggest it only to a model at least this many times its work per window
 
 
 def _check(seconds_per_window: float, streams: int, headroom: float) -> None:
@@ -64,18 +66,31 @@ def auto_hop(seconds_per_window: float, streams: int, max_batch: int = 1, headro
 
 
 def hop_warning(seconds_per_window: float, streams: int, hop: float, max_batch: int = 1,
-                headroom: float = DEFAULT_HEADROOM, path: str = "") -> str | None:
-    """The one warning line for a hop this box cannot hold (with the numbers and the fix), else None."""
+                headroom: float = DEFAULT_HEADROOM, path: str = "", model_gflop: float | None = None,
+                auto_precision: bool = False) -> str | None:
+    """The one warning line for a hop this box cannot hold (with the numbers and the fix), else None.
+
+    The fixes offered are the ones that would change something: the cheaper AudioSet model
+    only to a model that does clearly more work per window than it (``model_gflop``, from
+    ``ASTConfig.window_gflop``; unknown: offered), ``precision: auto`` only where it is
+    not already what chose ``path``.
+    """
     if sustainable(seconds_per_window, streams, hop, max_batch, headroom):
         return None
     need = auto_hop(seconds_per_window, streams, max_batch, headroom)
     how = f" ({path})" if path else ""
-    fix = (f"set hop: {need:g} or hop: auto" if sustainable(seconds_per_window, streams, need, max_batch, headroom)
-           else f"even hop {need:g} s is too short: use fewer streams")
+    fixes = [f"set hop: {need:g} or hop: auto" if sustainable(seconds_per_window, streams, need, max_batch, headroom)
+             else f"even hop {need:g} s is too short: use fewer streams"]
+    if model_gflop is None or model_gflop >= CHEAPER_WORTH * CHEAPER_MODEL_GFLOP:
+        less = f"~{model_gflop / CHEAPER_MODEL_GFLOP:.1f}×" if model_gflop else "~3×"
+        fixes.append(f"use a cheaper model ({CHEAPER_MODEL}, {less} less work)")
+    if not auto_precision:
+        fixes.append("precision: auto")
+    fix = fixes[0] + (f", or {' or '.join(fixes[1:])}" if len(fixes) > 1 else "")
     return (
         f"hop {hop:g} s is more than this machine can hold: {streams} stream(s) × {_duration(seconds_per_window)} per window"
         f"{how} = {load(seconds_per_window, streams, hop):.0%} of the compute (limit {1 - headroom:.0%}), so windows"
-        f" will be skipped; {fix}, or use a cheaper model ({CHEAPER_MODEL}, ~3× less work) or precision: auto"
+        f" will be skipped; {fix}"
     )
 
 

@@ -21,7 +21,8 @@ others (nothing to gain; decided from the config, not a timing, so a busy box do
 make a tiny model export). The choice is cached next to the ONNX export (see :func:`cache_dir`) keyed by the CPU
 model, its flags, the thread count, the checkpoint's hash and the runtime versions, so the
 next start is instant. The ONNX files are exported from our own model once per checkpoint
-(opset :data:`ONNX_OPSET`) and quantised with ``onnxruntime.quantization.quantize_dynamic``.
+(opset :data:`ONNX_OPSET`) and quantised with ``onnxruntime.quantization.quantize_dynamic``
+(the GEMMs of :func:`int8_nodes` only: what keeps the full-size models within the bound).
 """
 
 from __future__ import annotations
@@ -56,8 +57,13 @@ CACHE_SUBDIR = ".streamer-cache"  # inside the checkpoint directory, when it is 
 USER_CACHE_ENV = "STREAMER_CACHE_DIR"
 HASH_CHUNK_BYTES = 1 << 24
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-CPU_PATHS = ("fp32", "bf16", "int8", "onnx-fp32", "onnx-int8")
-ONNX_PATHS = ("onnx-fp32", "onnx-int8")
+CPU_PATHS = ("fp32", "bf16", "int8", "onnx-fp32", "onnx-int8", "onnx-int8-all")
+ONNX_PATHS = ("onnx-fp32", "onnx-int8", "onnx-int8-all")
+# which MatMuls each int8 path quantises (see int8_nodes); part of the file's and the choice's key.
+# `auto` tries both and keeps the faster within the bound: every GEMM (the 10-10 model: 0.015)
+# or the mixed recipe where that is too coarse (the 16-16 model: 0.025 → 0.015)
+INT8_RECIPES = {"onnx-int8": "qkv-fc1-late-fc2", "onnx-int8-all": "all"}
+INT8_RECIPE = INT8_RECIPES["onnx-int8"]
 
 
 @dataclass(frozen=True)
@@ -177,8 +183,9 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def export_onnx(loaded: LoadedModel, directory: Path, int8: bool = False) -> Path:
-    """Our model as ONNX (logits out), exported once into ``directory``; int8 is quantised from it."""
+def export_onnx(loaded: LoadedModel, directory: Path, int8: bool | str = False) -> Path:
+    """Our model as ONNX (logits out), exported once into ``directory``; int8 is quantised from it
+    (``int8``: a path of :data:`INT8_RECIPES`, or True for ``onnx-int8``)."""
     fp32 = directory / f"model-{_versions()}.onnx"
     if not fp32.is_file():
         t0 = time.perf_counter()
@@ -198,19 +205,53 @@ def export_onnx(loaded: LoadedModel, directory: Path, int8: bool = False) -> Pat
         log.info("exported the model to ONNX in %.1f s: %s", time.perf_counter() - t0, fp32)
     if not int8:
         return fp32
-    quantised = fp32.with_name(fp32.stem + "-int8.onnx")
+    recipe = INT8_RECIPES["onnx-int8" if int8 is True else int8]
+    quantised = fp32.with_name(f"{fp32.stem}-int8-{recipe}.onnx")
     if not quantised.is_file():
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         t0 = time.perf_counter()
+        nodes = int8_nodes(fp32) if recipe != "all" else None  # all: every MatMul, as quantize_dynamic does
+        if nodes == []:
+            raise StreamerError(f"{fp32.name}: no MatMul with a constant weight to quantise (an unexpected graph)")
         previous = logging.root.manager.disable
-        logging.disable(logging.INFO)  # the quantiser logs a line per tensor on the root logger
+        logging.disable(logging.WARNING)  # the quantiser logs a line per tensor (and advice) on the root logger
         try:
-            _atomic_write(quantised, lambda tmp: quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8))
+            _atomic_write(quantised, lambda tmp: quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8,
+                                                                  nodes_to_quantize=nodes))
         finally:
             logging.disable(previous)
-        log.info("quantised the ONNX model to int8 in %.1f s: %s", time.perf_counter() - t0, quantised)
+        log.info("quantised %s MatMuls of the ONNX model to int8 in %.1f s: %s", len(nodes) if nodes else "all",
+                 time.perf_counter() - t0, quantised)
     return quantised
+
+
+def int8_nodes(path: Path) -> list[str]:
+    """The MatMuls that the int8 path quantises: every layer's qkv and fc1, fc2 of the later half.
+
+    Dynamic quantisation gives each activation one 8-bit scale per tensor, and each
+    quantised GEMM adds its own rounding noise, which the layers after it carry on. On
+    the 16-16 AudioSet model (random weights) every group alone (qkv, proj, fc1 or fc2 of
+    all layers) moved the probabilities by ~0.009, the patch embedding and classifier by
+    ~0.005, and the noise adds up: quantising all of them gave max |Δp| 0.025 against fp32
+    on real recordings (the bound is 0.02), all but proj (the smallest GEMM, 1/12 of a
+    layer's work) and the two ends 0.019 — no margin. fc2 in the early layers is what tips
+    it: qkv + fc1 alone 0.0145, plus fc2 of the later half 0.0146, of the first half 0.0166
+    (40 windows; bench/bench_int8.py, bench/results/int8_recipes_cpu_40*.json). So: 1.29×
+    onnx-fp32 within 0.015, where everything quantised was 1.48× beyond the bound.
+    """
+    import re
+
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {i.name for i in graph.initializer}
+    layer = {n.name: int(m.group(1)) for n in graph.node if (m := re.search(r"/blocks\.(\d+)/", n.name))}
+    layers = max(layer.values(), default=-1) + 1
+    return [n.name for n in graph.node
+            if n.op_type == "MatMul" and n.input[1] in constants and n.name in layer
+            and ("/attn/qkv/" in n.name or "/mlp/fc1/" in n.name
+                 or ("/mlp/fc2/" in n.name and layer[n.name] >= layers // 2))]
 
 
 class OnnxForward:
@@ -337,18 +378,90 @@ def build_forward(path: str, loaded: LoadedModel, threads: int, directory: Path 
             raise StreamerError(f"precision {path} needs ONNX Runtime: pip install onnxruntime onnx (or use precision auto)")
         if directory is None:
             directory = cache_dir(loaded, model_hash(loaded))
-        return OnnxForward(export_onnx(loaded, directory, int8=path == "onnx-int8"), threads)
+        return OnnxForward(export_onnx(loaded, directory, int8=path if path in INT8_RECIPES else False), threads)
     if path == "fp32":
         return loaded.model.eval()
     model = copy.deepcopy(loaded.model).eval()
     if path == "bf16":
-        model = model.to(torch.bfloat16)
-        return lambda x: model(x.to(torch.bfloat16)).float()
+        return bf16_forward(model)
     if path == "int8":
         from streamer.inference.engine import quantize_int8
 
         return quantize_int8(model)
     raise StreamerError(f"unknown CPU path {path!r}")
+
+
+def bf16_packing_supported() -> bool:
+    """Whether oneDNN runs bf16 GEMMs natively here (AVX-512-BW/VL/DQ, AVX-NE-CONVERT, AMX)."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedLinear(torch.nn.Module):
+    """``nn.Linear`` (optionally with the GELU after it) on oneDNN, its weight reordered once at build.
+
+    Why: torch's CPU linear hands oneDNN a plain row-major weight at every call, and oneDNN's
+    AMX / AVX-512 kernels first copy it into the blocked layout they read — for every GEMM
+    of every window (4 per layer). Reordering once, as inductor's weight freezing does,
+    removes that copy; fc1's GELU runs as the GEMM's post-op instead of another pass over
+    an activation 4× the width. The weight is kept only in the packed form (no extra memory).
+    """
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype, gelu: str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().to(dtype).contiguous()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # opaque oneDNN tensor: not a buffer
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype).contiguous()
+        self.attr, self.algorithm = ("gelu", gelu) if gelu else ("none", "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.attr, [], self.algorithm)
+
+
+def prepack_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Swap the encoder's and the head's Linear layers for :class:`PackedLinear` (in place); how many.
+
+    The last layer's qkv stays a plain Linear: that layer computes only the two pooled
+    tokens' queries from a slice of its weight (see ``Attention.forward``). fc1 takes its
+    GELU along where the activation is one (exact or tanh).
+    """
+    swapped = 0
+    blocks = list(model.blocks)
+    for i, block in enumerate(blocks):
+        attn, mlp = block.attn, block.mlp
+        if i < len(blocks) - 1:
+            attn.qkv = PackedLinear(attn.qkv, dtype)
+            swapped += 1
+        attn.proj = PackedLinear(attn.proj, dtype)
+        if isinstance(mlp.act, torch.nn.GELU):
+            mlp.fc1, mlp.act = PackedLinear(mlp.fc1, dtype, gelu=mlp.act.approximate), torch.nn.Identity()
+        else:
+            mlp.fc1 = PackedLinear(mlp.fc1, dtype)
+        mlp.fc2 = PackedLinear(mlp.fc2, dtype)
+        swapped += 3
+    if isinstance(model.head.fc, torch.nn.Linear):
+        model.head.fc = PackedLinear(model.head.fc, dtype)
+        swapped += 1
+    return swapped
+
+
+def bf16_forward(model: torch.nn.Module, packed: bool | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The torch bf16 path on ``model`` (a copy it may change): fp32 features in, fp32 logits out.
+
+    With ``packed`` (default: where oneDNN has native bf16, see :func:`bf16_packing_supported`)
+    the Linear layers are :class:`PackedLinear`; elsewhere plain torch bf16 (emulated on
+    AVX2: slow, which is why ``auto`` tries bf16 only with bf16 units).
+    """
+    model = model.eval().to(torch.bfloat16)
+    if packed is None:
+        packed = bf16_packing_supported()
+    if packed:
+        count = prepack_linears(model, torch.bfloat16)
+        log.debug("bf16: %d Linear layers prepacked for oneDNN", count)
+    return lambda x: model(x.to(torch.bfloat16)).float()
 
 
 def _per_window(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -396,7 +509,8 @@ def measure(loaded: LoadedModel, paths: list[str], threads: int, directory: Path
 
 def _choice_file(directory: Path, features: CpuFeatures, threads: int) -> Path:
     versions = _versions() if onnxruntime_available() else f"torch{torch.__version__}"
-    key = hashlib.sha256(f"{features.key()}|{threads}|{versions}|{CHECK_WINDOWS}|{ACCURACY_BOUND}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{features.key()}|{threads}|{versions}|{CHECK_WINDOWS}|{ACCURACY_BOUND}|{sorted(INT8_RECIPES.items())}".encode()
+                         ).hexdigest()[:16]
     return directory / f"precision-auto-{key}.json"
 
 

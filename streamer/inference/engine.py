@@ -35,11 +35,12 @@ from streamer.features.windows import Window
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "onnx-fp32", "onnx-int8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "onnx-fp32", "onnx-int8", "onnx-int8-all")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32,
-           "onnx-fp32": torch.float32, "onnx-int8": torch.float32}
+           "onnx-fp32": torch.float32, "onnx-int8": torch.float32,
+           "onnx-int8-all": torch.float32}
 GPU_AUTO_PRECISION = "bf16"
-PER_WINDOW_PRECISIONS = ("int8", "onnx-int8")  # dynamic quantisation: scales depend on the whole batch
+PER_WINDOW_PRECISIONS = ("int8", "onnx-int8", "onnx-int8-all")  # dynamic quantisation: scales depend on the whole batch
 SPEED_RUNS = 2  # timed batches behind seconds_per_window (after a warm one)
 DEFAULT_MAX_BATCH = 8  # windows per forward pass on a CPU, unless configured
 GPU_MAX_BATCH = 128  # ... and on a GPU
@@ -163,7 +164,7 @@ class InferenceEngine:
                     self._speed[1] = self.choice.seconds_per_window
                 log.info(self.choice.log_line())
         self.precision = precision
-        if precision in ("int8", "onnx-fp32", "onnx-int8") and on_gpu:
+        if precision in ("int8", "onnx-fp32", "onnx-int8", "onnx-int8-all") and on_gpu:
             raise StreamerError(f"precision {precision} is for the CPU; on a GPU use bf16 or fp16 (or auto)")
         self.dtype = _DTYPES[precision]
         shape = (loaded.features.max_length, loaded.features.num_mel_bins)
@@ -171,7 +172,7 @@ class InferenceEngine:
 
         model = loaded.model.eval()  # the engine owns it from here on (no second copy in memory)
         onnx_forward = None
-        if precision in ("onnx-fp32", "onnx-int8"):
+        if precision in ("onnx-fp32", "onnx-int8", "onnx-int8-all"):
             from streamer.inference import cpu
 
             onnx_forward = self.choice.forward if self.choice and self.choice.forward else cpu.build_forward(precision, loaded, self.threads)
@@ -182,6 +183,11 @@ class InferenceEngine:
             model = quantize_int8(model)
         else:
             model = model.to(device=self.device, dtype=self.dtype)
+            if precision == "bf16" and not on_gpu:
+                from streamer.inference import cpu
+
+                if cpu.bf16_packing_supported():  # oneDNN's native bf16: weights reordered once, not every call
+                    cpu.prepack_linears(model, torch.bfloat16)
         if self.choice is not None:
             self.choice.forward = None  # the engine holds what it runs; no second reference
         self.model = model
