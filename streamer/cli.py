@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"training steps (default {DEFAULT_TRAIN_STEPS}): the same data, seed and steps give the same model")
     tr.add_argument("--minutes", type=float, help="also stop after this many minutes (a cap: the model then depends on the machine's speed)")
     tr.add_argument("--batch", type=_positive_int, default=32, help="examples per step (default 32)")
+    tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 0.001)")
     tr.add_argument("--max-false-per-hour", type=float, default=1.0, metavar="N",
                     help="thresholds keep false events on held-out background at or under this (default 1)")
     tr.add_argument("--seed", type=int, default=0)
@@ -186,10 +187,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.minutes is not None and args.minutes <= 0:
         raise StreamerError(f"--minutes must be positive, got {args.minutes}")
+    if not 0 < args.lr < 1:
+        raise StreamerError(f"--lr must be between 0 and 1, got {args.lr}")
     if args.max_false_per_hour < 0:
         raise StreamerError(f"--max-false-per-hour must not be negative, got {args.max_false_per_hour}")
     settings = TrainSettings(preset=args.preset, max_length=args.max_length, minutes=args.minutes, seed=args.seed,
-                             threads=args.threads, steps=args.steps, batch=args.batch, long_background=tuple(args.background),
+                             threads=args.threads, steps=args.steps, batch=args.batch, lr=args.lr, long_background=tuple(args.background),
                              max_false_per_hour=args.max_false_per_hour)
     report = train(args.data, args.out, settings, base=args.base, progress=lambda m: print(m, flush=True))
     stream = report["stream"]

@@ -439,10 +439,17 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
 
 
 def _init(model: AudioSpectrogramTransformer) -> None:
+    """Torch's default (fan-in scaled) init for the linear layers, ViT's for the patches and positions,
+    and zero class tokens, as transformers initialises them.
+
+    With every weight at std 0.02 (and random class tokens) a window's own content reaches the
+    pooled class tokens only faintly at first: the loss sat at the label prior for the first
+    ~350 steps on tones a tiny AST tells apart at once (bench/README.md, "Training").
+    """
     for name, p in model.named_parameters():
-        if p.dim() > 1:
-            torch.nn.init.trunc_normal_(p, std=0.02)
-        elif "token" in name or "pos_embed" in name:
+        if "token" in name:
+            torch.nn.init.zeros_(p)
+        elif "pos_embed" in name or "patch_embed" in name and p.dim() > 1:
             torch.nn.init.trunc_normal_(p, std=0.02)
 
 

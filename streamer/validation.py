@@ -36,7 +36,7 @@ from streamer.events import EventSmoother, Target, TargetSettings
 from streamer.features.fbank import window_samples
 from streamer.inference.engine import InferenceEngine
 from streamer.model import load_model
-from streamer.scenes import TrueEvent, background_false_events, build_scene, event_metrics
+from streamer.scenes import background_false_events, build_scene, event_metrics
 
 log = logging.getLogger(__name__)
 
