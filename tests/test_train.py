@@ -335,10 +335,13 @@ def test_verdict_useless_model_exits_non_zero_with_one_line_and_a_good_one_exits
 def test_threshold_choice_keeps_false_events_under_the_target_with_the_best_recall():
     from streamer.validation import _choose
 
-    rows = [(0.1, 1.0, 30.0), (0.2, 1.0, 3.0), (0.3, 1.0, 0.0), (0.4, 1.0, 0.0), (0.5, 1.0, 0.0), (0.6, 0.5, 0.0), (0.7, 0.0, 0.0)]
+    rows = [(0.1, 1.0, 30.0), (0.2, 1.0, 3.0), (0.3, 1.0, 0.0), (0.35, 1.0, 0.0), (0.4, 1.0, 0.0), (0.45, 1.0, 0.0),
+            (0.5, 1.0, 0.0), (0.6, 0.5, 0.0), (0.7, 0.0, 0.0)]
     chosen = _choose(rows, max_false_per_hour=1.0, measured=True)
-    assert chosen["on_threshold"] == 0.4 and chosen["recall"] == 1.0 and chosen["within_target"]  # mid-range of the best
-    assert chosen["off_threshold"] == pytest.approx(0.28)
+    assert chosen["on_threshold"] == 0.35 and chosen["recall"] == 1.0 and chosen["within_target"]  # a quarter up the best
+    assert chosen["off_threshold"] == pytest.approx(0.245)
+    never = _choose([(0.1, 0.0, 30.0), (0.3, 0.0, 0.0), (0.6, 0.0, 0.0)], max_false_per_hour=1.0, measured=True)
+    assert never["on_threshold"] == 0.3  # never recalled: the lowest threshold that keeps the rate
     noisy = _choose([(0.1, 1.0, 30.0), (0.9, 0.5, 5.0)], max_false_per_hour=1.0, measured=True)
     assert noisy["on_threshold"] == 0.9 and not noisy["within_target"]  # said in the report, not hidden
 
