@@ -59,7 +59,7 @@ PRESETS = {
 DEFAULT_STEPS = 1200  # the default step budget (bench/README.md: minutes on a 2-core CPU)
 WARMUP_STEPS = 50
 PROGRESS_EVERY_STEPS = 50
-NEGATIVE_FRACTION = 0.25  # examples of background alone: the model must learn to say "nothing"
+NEGATIVE_FRACTION = 0.35  # examples of background alone: the model must learn to say "nothing" (0.25: more false events on ambience)
 FILE_FRACTION = 0.3  # of positives and of negatives: alone, as `streamer detect` scores a file (padded when short)
 EDGE_FRACTION = 0.3  # of positives in a stream: the clip across the window's start or end
 EDGE_MIN_ENERGY = 0.5  # a clip cut by the window's edge keeps its label with this share of its energy inside
@@ -87,7 +87,7 @@ class TrainSettings:
     seed: int = 0
     background: str = "background"
     long_background: tuple[Path, ...] = ()  # --background DIR: long recordings of the room
-    snr_db: tuple[float, float] = (-5.0, 30.0)  # clip level above the background
+    snr_db: tuple[float, float] = (0.0, 30.0)  # clip level above the background
     gain_db: tuple[float, float] = (-20.0, 6.0)
     negative_gain_db: tuple[float, float] = (-50.0, 6.0)
     band_limit: float = 0.4  # fraction of examples given a random low-pass (see Mixer.band_limit)
