@@ -118,7 +118,8 @@ def test_scene_end_to_end_through_the_live_path(trained, tmp_path):
     broker = Broker(tmp_path)
     sub = Subscriber(broker.port, [daemon_topics().events("scene")])
     config = tmp_path / "streamer.yaml"
-    detect = {"include": SCENE_TARGETS, "defaults": {"on_threshold": 0.5, "off_threshold": 0.35, "hold": 0.5, "smoothing": "none"}}
+    # the shipped smoothing with the thresholds `streamer train` chose for it (thresholds.json)
+    detect = {"include": SCENE_TARGETS}
     config.write_text(json.dumps({
         "model": {"path": str(trained), "device": "cpu", "max_batch": 4}, "hop": 0.25,
         "sources": [{"name": "scene", "type": "file", "path": str(wav), "realtime": True}],
