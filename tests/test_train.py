@@ -359,3 +359,21 @@ def test_verdict_names_the_fix():
     assert "recall 0 for b" in line and "more clips of b" in line and "\n" not in line
     line = verdict(report(0.2, {"a": 0.0, "b": 0.0, "c": 0.1}), 1200)
     assert "clip accuracy 0.20 < 0.60" in line and "--steps 2400" in line and "more clips" not in line
+
+
+def test_long_background_is_split_by_file_and_streamed_whole_in_validation(tmp_path):
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0}, background=0)
+    room = tmp_path / "room"
+    (room / "kitchen").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(5):  # found recursively, any depth
+        sf.write(room / "kitchen" / f"take{i}.flac", rng.normal(0, 0.02, 16000 * 20).astype(np.float32), 16000)
+    out = tmp_path / "m"
+    result = run_cli("train", str(data), "--out", str(out), "--background", str(room), "--steps", "1", "--preset", "tiny", "--batch", "4")
+    assert result.returncode in (0, EXIT_UNUSABLE_MODEL), result.stderr
+    held = json.loads((out / "split.json").read_text())["validation"]["background_long"]
+    assert len(held) == 1 and held[0].startswith(str(room))  # a fifth of the files, by file
+    report = json.loads((out / "validation.json").read_text())
+    assert report["held_out"]["background_streams"] == held
+    assert report["stream"]["background_s"] >= 20.0  # the held-out recording streamed whole
+    assert "1 min 20 s for training, 20 s held out" in result.stdout
