@@ -15,6 +15,11 @@ log = logging.getLogger("streamer")
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+RECORD_DEFAULT_S = 5.0
+RECORD_RING_S = 30.0  # `record` writes as it reads: the ring only bridges the writer's pauses
+WAV_LIMIT_BYTES = 2**32 - 2**20  # past this a plain WAV header overflows: RF64 instead
+EXIT_UNUSABLE_MODEL = 3  # `streamer train` wrote the model but judged it not usable (its verdict line says why)
+DEFAULT_TRAIN_STEPS = 1200  # streamer.train.DEFAULT_STEPS (kept here so --help needs no torch import)
 
 
 def _positive_int(text: str) -> int:
@@ -56,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--threads", type=_positive_int, help="CPU threads for inference (default: torch's choice)")
 
     labels = sub.add_parser("labels", help="list the labels a model can detect")
-    labels.add_argument("search", nargs="?", default="", help="show only labels containing this text")
+    labels.add_argument("search", nargs="?", default="", help="show only labels containing this text (or a model directory)")
     labels.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     run = sub.add_parser("run", help="run the detector daemon (sources → model → events → MQTT/console)")
     run.add_argument("--config", type=Path, default=Path("config/streamer.yaml"), help="YAML config (default config/streamer.yaml)")
@@ -77,17 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--base", help="pretrained AST to extend (frozen backbone, new label rows); default: train a small AST from scratch")
     tr.add_argument("--preset", choices=["tiny", "small"], default="small", help="model size from scratch (default small)")
     tr.add_argument("--max-length", type=_positive_int, default=128, help="window in frames from scratch (default 128 = 1.28 s)")
-    tr.add_argument("--minutes", type=float, default=8.0, help="training time budget (default 8)")
-    tr.add_argument("--steps", type=_positive_int, help="a step budget instead of a time budget (reproducible)")
+    tr.add_argument("--background", type=Path, action="append", default=[], metavar="DIR",
+                    help="long recordings of the room (e.g. from `streamer record mic DIR/room.wav --minutes 60`), "
+                         "besides DATA_DIR/background; may be given more than once")
+    tr.add_argument("--steps", type=_positive_int, default=DEFAULT_TRAIN_STEPS,
+                    help=f"training steps (default {DEFAULT_TRAIN_STEPS}): the same data, seed and steps give the same model")
+    tr.add_argument("--minutes", type=float, help="also stop after this many minutes (a cap: the model then depends on the machine's speed)")
+    tr.add_argument("--batch", type=_positive_int, default=32, help="examples per step (default 32)")
+    tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 0.001)")
+    tr.add_argument("--max-false-per-hour", type=float, default=1.0, metavar="N",
+                    help="thresholds keep false events on held-out background at or under this (default 1)")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--threads", type=_positive_int, help="CPU threads")
+    tr.add_argument("--threads", type=_positive_int, help="CPU threads (default: every core)")
 
     sub.add_parser("devices", help="list audio input devices (microphones)")
 
     record = sub.add_parser("record", help="record a source to an audio file (16 kHz mono), e.g. to collect clips")
     record.add_argument("source", help="mic, mic:DEVICE, file:PATH, a URL (rtsp://, http://…) or ffmpeg:URL")
     record.add_argument("out", type=Path, help="output file (.wav or .flac)")
-    record.add_argument("--seconds", type=float, default=5.0, help="how long to record (default 5)")
+    record.add_argument("--seconds", type=float, help="how long to record (default 5)")
+    record.add_argument("--minutes", type=float, help="how long to record, in minutes (e.g. 60 of a room's background for `streamer train --background`)")
     record.add_argument("--channels", type=_positive_int, help="mic: channels to open (default: the device's, at most 2), mixed to mono")
     record.add_argument("--channel", type=int, help="mic: record only this channel (0-based) instead of the mix")
 
@@ -167,17 +181,31 @@ def model_labels(path_or_id: str) -> tuple[tuple[str, ...] | None, str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Exit 0 with a usable model; ``EXIT_UNUSABLE_MODEL`` when it was written but judged not
+    usable (clip accuracy under 0.6 or a label never recalled), with one line saying the fix."""
     from streamer.train import TrainSettings, train
 
-    if args.minutes <= 0:
+    if args.minutes is not None and args.minutes <= 0:
         raise StreamerError(f"--minutes must be positive, got {args.minutes}")
+    if not 0 < args.lr < 1:
+        raise StreamerError(f"--lr must be between 0 and 1, got {args.lr}")
+    if args.max_false_per_hour < 0:
+        raise StreamerError(f"--max-false-per-hour must not be negative, got {args.max_false_per_hour}")
     settings = TrainSettings(preset=args.preset, max_length=args.max_length, minutes=args.minutes, seed=args.seed,
-                             threads=args.threads, max_steps=args.steps)
+                             threads=args.threads, steps=args.steps, batch=args.batch, lr=args.lr, long_background=tuple(args.background),
+                             max_false_per_hour=args.max_false_per_hour)
     report = train(args.data, args.out, settings, base=args.base, progress=lambda m: print(m, flush=True))
-    print(f"clip accuracy {report['clip_accuracy']:.3f} on {report['clips']} validation clips "
-          f"({report['steps']} steps, {report['seconds']:.0f} s); model in {args.out}")
+    stream = report["stream"]
+    false = "not measured (no background)" if stream["false_events_per_hour"] is None else f"{stream['false_events_per_hour']:.1f}"
+    print(f"held-out clips as `streamer detect` scores them: clip accuracy {report['clip_accuracy']:.3f} on {report['clips']} clips; "
+          f"in a stream: event F1 {stream['event_f1']:.2f}, false events per hour {false} "
+          f"on {stream['background_s'] / 60:.1f} min of background ({report['steps']} steps, {report['seconds']:.0f} s); model in {args.out}")
     for name, r in report["per_label"].items():
-        print(f"  {name:<20} precision {r['precision']:.2f}  recall {r['recall']:.2f}  ({r['clips']} clips)")
+        print(f"  {name:<20} precision {r['precision']:.2f}  recall {r['recall']:.2f}  in a stream {r['stream_recall']:.2f}  "
+              f"threshold {r['on_threshold']:.3f}  ({r['clips']} clips)")
+    if report["verdict"]:
+        print(f"streamer: {report['verdict']}", file=sys.stderr)
+        return EXIT_UNUSABLE_MODEL
     return 0
 
 
@@ -196,46 +224,53 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_record(args: argparse.Namespace) -> int:
     import time
-
-    import numpy as np
-    import soundfile as sf
-
     from dataclasses import replace
+
+    import soundfile as sf
 
     from streamer.capture.sources import MicSource, make_source, source_from_spec
     from streamer.constants import SAMPLE_RATE_HZ
 
-    if args.seconds <= 0:
-        raise StreamerError(f"--seconds must be positive, got {args.seconds}")
+    if args.seconds is not None and args.minutes is not None:
+        raise StreamerError("give --seconds or --minutes, not both")
+    seconds = args.minutes * 60 if args.minutes is not None else (args.seconds if args.seconds is not None else RECORD_DEFAULT_S)
+    if seconds <= 0:
+        given = ("minutes", args.minutes) if args.minutes is not None else ("seconds", args.seconds)
+        raise StreamerError(f"--{given[0]} must be positive, got {given[1]}")
     if args.out.suffix.lower() not in (".wav", ".flac"):
         raise StreamerError(f"{args.out}: give a .wav or .flac output file")
+    if not args.out.parent.is_dir():
+        raise StreamerError(f"{args.out}: the directory {args.out.parent} does not exist")
     spec = source_from_spec(args.source)
     if spec.type == "mic":
         spec = replace(spec, channels=args.channels, channel=args.channel)
-    source = make_source(spec, ring_seconds=max(10.0, args.seconds + 5))
+    # written as it comes: an hour of background needs no hour-long ring or buffer
+    source = make_source(spec, ring_seconds=min(max(10.0, seconds + 5), RECORD_RING_S))
     if isinstance(source, MicSource):
         source.open_check()
-    wanted = int(args.seconds * SAMPLE_RATE_HZ)
-    parts, have = [], 0
-    source.start()
-    try:
-        while have < wanted:
-            _, samples = source.ring.read(wanted - have)
-            if len(samples):
-                parts.append(samples)
-                have += len(samples)
-            elif source.finished:
-                break
-            else:
-                time.sleep(0.02)
-    finally:
-        source.stop()
+    wanted = int(seconds * SAMPLE_RATE_HZ)
+    have = 0
+    wav = args.out.suffix.lower() == ".wav"
+    with sf.SoundFile(str(args.out), "w", SAMPLE_RATE_HZ, 1, subtype="FLOAT" if wav else "PCM_24",
+                      format="RF64" if wav and wanted * 4 >= WAV_LIMIT_BYTES else None) as out:
+        source.start()
+        try:
+            while have < wanted:
+                _, samples = source.ring.read(wanted - have)
+                if len(samples):
+                    out.write(samples)
+                    have += len(samples)
+                elif source.finished:
+                    break
+                else:
+                    time.sleep(0.02)
+        finally:
+            source.stop()
     if source.error and not have:
+        args.out.unlink(missing_ok=True)
         raise StreamerError(f"source {source.name}: {source.error}")
-    audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
-    sf.write(str(args.out), audio, SAMPLE_RATE_HZ, subtype="FLOAT" if args.out.suffix.lower() == ".wav" else "PCM_24")
     lost = source.lost
-    print(f"recorded {len(audio) / SAMPLE_RATE_HZ:.2f} s from {source.describe()} to {args.out} "
+    print(f"recorded {have / SAMPLE_RATE_HZ:.2f} s from {source.describe()} to {args.out} "
           f"(overflows {source.stats.overflows}, lost samples {lost})", file=sys.stderr)
     return 0
 
@@ -264,7 +299,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     labels = engine.labels
 
     settings = load_detect_settings(args.config) if args.config else DetectSettings()
-    targets = settings.targets(labels) if args.events_out else []
+    targets = settings.targets(labels, engine.loaded.thresholds) if args.events_out else []
 
     def show(index: int, start_sample: int, row) -> None:
         top = ", ".join(f"{name} {p:.2f}" for name, p in top_labels(row, labels, args.top_k))
@@ -297,12 +332,19 @@ def load_detect_settings(path: Path):
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
+    """Index and name of each label; a model trained by ``streamer train`` adds the on/off
+    thresholds chosen from its data. ``streamer labels MODEL_DIR`` works too."""
     from streamer.model import load_model
 
-    needle = args.search.casefold()
-    for index, name in enumerate(load_model(args.model).labels):
+    model, search = args.model, args.search
+    if search and (Path(search) / "config.json").is_file() and model == DEFAULT_MODEL:
+        model, search = search, ""
+    loaded = load_model(model)
+    needle = search.casefold()
+    for index, name in enumerate(loaded.labels):
         if needle in name.casefold():
-            print(f"{index}\t{name}")
+            pair = loaded.thresholds.get(name)
+            print(f"{index}\t{name}" + (f"\ton {pair[0]:.3f}\toff {pair[1]:.3f}" if pair else ""))
     return 0
 
 

@@ -99,6 +99,7 @@ class Daemon:
         notify("STATUS=loading model")
         loaded = load_model(cfg.model.path)
         self.labels = loaded.labels
+        self.thresholds = loaded.thresholds  # chosen by `streamer train`: defaults the config can override
         self.engine = InferenceEngine(loaded, cfg.model.device, cfg.model.precision, cfg.model.max_batch, cfg.model.threads)
         self.sources = [make_source(sc, cfg.ring_seconds) for sc in cfg.sources]
         for source in self.sources:
@@ -106,7 +107,7 @@ class Daemon:
                 source.open_check()
         self.metrics = Metrics() if cfg.metrics else None
         self.clips = ClipWriter(cfg.clips) if cfg.clips else None
-        targets = cfg.detect.targets(self.labels)
+        targets = cfg.detect.targets(self.labels, self.thresholds)
         # Events go to the journal (on its own sink thread); the MQTT sender delivers
         # from it (what an earlier run left pending first). No MQTT: nothing would ever deliver
         # from a journal, so there is none.
@@ -313,7 +314,7 @@ class Daemon:
             if fresh is None:
                 return
             candidate = replace(self.config, detect=fresh.detect)
-            targets = candidate.detect.targets(self.labels)
+            targets = candidate.detect.targets(self.labels, self.thresholds)
         except (ConfigError, Exception) as exc:  # keep running on the old settings
             log.error("reload refused, keeping the old detect settings: %s", str(exc).replace("\n", "; "))
             return

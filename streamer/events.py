@@ -154,28 +154,40 @@ class DetectSettings:
         return cls(defaults=defaults, groups=groups, overrides=overrides, **patterns,
                    min_level_dbfs=None if min_level is None else float(min_level))
 
-    def targets(self, labels: tuple[str, ...]) -> list[Target]:
-        """Groups first, then every label matched by include and not by exclude."""
+    def targets(self, labels: tuple[str, ...], calibrated: dict[str, tuple[float, float]] | None = None) -> list[Target]:
+        """Groups first, then every label matched by include and not by exclude.
+
+        ``calibrated``: per-label ``(on, off)`` thresholds chosen from data by ``streamer
+        train`` (the model's thresholds.json). They replace ``defaults``' thresholds for
+        that label's target; a target whose ``targets.NAME`` section sets either threshold
+        keeps the config's (the config wins).
+        """
+        calibrated = calibrated or {}
         known = set(labels)
         out: list[Target] = []
         for name, members in self.groups.items():
             unknown = [m for m in members if m not in known]
             if unknown:
                 raise StreamerError(f"detect.groups.{name}: the model has no label {unknown[0]!r} (see `streamer labels`)")
-            out.append(Target(name, tuple(members), self._settings(name)))
+            out.append(Target(name, tuple(members), self._settings(name, calibrated)))
         group_names = set(self.groups)
         for label in labels:
             if label in group_names:
                 continue
             if _matches(label, self.include) and not _matches(label, self.exclude):
-                out.append(Target(label, (label,), self._settings(label)))
+                out.append(Target(label, (label,), self._settings(label, calibrated)))
         for name in self.overrides:
             if name not in {t.name for t in out}:
                 raise StreamerError(f"detect.targets.{name}: no such target (not a group, or an excluded/unknown label)")
         return out
 
-    def _settings(self, name: str) -> TargetSettings:
-        settings = replace(self.defaults, **self.overrides.get(name, {}))
+    def _settings(self, name: str, calibrated: dict[str, tuple[float, float]]) -> TargetSettings:
+        override = self.overrides.get(name, {})
+        pair = calibrated.get(name) if name not in self.groups else None
+        base = self.defaults
+        if pair is not None and not {"on_threshold", "off_threshold"} & set(override):
+            base = replace(base, on_threshold=pair[0], off_threshold=pair[1])
+        settings = replace(base, **override)
         settings.check(f"detect.targets.{name}" if name in self.overrides else "detect.defaults")
         return settings
 

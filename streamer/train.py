@@ -1,8 +1,9 @@
 """``streamer train``: teach the detector your own sounds.
 
 ``DATA_DIR`` holds one folder per label of clips in any format soundfile reads, at any
-rate; an optional ``background`` folder supplies negatives and the noise that clips are
-mixed into. Two ways to train:
+rate; an optional ``background`` folder, and any ``--background DIR`` of long recordings
+of the room (``streamer record mic background/room.wav --minutes 60``), supply negatives
+and the noise that clips are mixed into. Two ways to train:
 
 - from scratch (no ``--base``): a small AST (a size preset; its window may be shorter than
   1024 frames, e.g. 128 = 1.28 s), multi-label, with the feature mean/std computed from the
@@ -11,10 +12,16 @@ mixed into. Two ways to train:
   new label rows are trained on its pooled embedding, so one checkpoint holds the base
   labels **and** the new ones and nothing downstream changes.
 
-Clips are placed at random offsets over background, with random gain and mixing levels,
-and SpecAugment masks. A split by file (fixed seed) gives validation figures —
-per-label precision/recall and clip accuracy — written next to the model as
-``validation.json``. The result is a standard Hugging Face AST checkpoint.
+Training runs a fixed number of steps (``--steps``): the model is a function of the data,
+the seed and the step budget, not of how busy the machine was (``--minutes`` is only a
+cap). Examples are what inference feeds the model: a clip over a random crop of
+background at a random SNR, anywhere in the window including across its edges, and a
+clip alone, as ``streamer detect`` scores a file (a clip shorter than the window padded as
+the frontend pads it); negatives are background crops, also alone and padded. A split by
+file (fixed seed; long background recordings split by file too) is validated through the
+same code as ``streamer detect`` (:mod:`streamer.validation`), which also chooses each
+label's threshold; the result is a standard Hugging Face AST checkpoint with
+``validation.json``, ``thresholds.json`` and ``split.json`` beside it.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +47,7 @@ from streamer.features.fbank import log_mel, window_samples
 from streamer.model.ast import AudioSpectrogramTransformer
 from streamer.model.checkpoint import LoadedModel, load_model, save_checkpoint
 from streamer.model.config import ASTConfig, FeatureConfig
+from streamer.model.thresholds import write_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +56,22 @@ PRESETS = {
     "tiny": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=3, intermediate_size=384),
     "small": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768),
 }
-THRESHOLD = 0.5
-NEGATIVE_FRACTION = 0.25  # examples of background alone: the model must learn to say "nothing"
+DEFAULT_STEPS = 1200  # the default step budget (bench/README.md: minutes on a 2-core CPU)
+WARMUP_STEPS = 50
+PROGRESS_EVERY_STEPS = 50
+NEGATIVE_FRACTION = 0.35  # examples of background alone: the model must learn to say "nothing" (0.25: more false events on ambience)
+FILE_FRACTION = 0.3  # of positives and of negatives: alone, as `streamer detect` scores a file (padded when short)
+EDGE_FRACTION = 0.3  # of positives in a stream: the clip across the window's start or end
+EDGE_MIN_ENERGY = 0.5  # a clip cut by the window's edge keeps its label with this share of its energy inside
+EDGE_TRIES = 4
+FILE_NEGATIVE_MIN_S = 0.3  # shortest background piece scored as a file
 ACTIVE_FRAME_SAMPLES = 800  # 50 ms frames for finding where in a long clip the sound is
-ACTIVE_DB = 20.0
-BAND_LIMIT_HZ = (2500.0, 7000.0)  # its cutoff
-BAND_LIMIT_ROLLOFF_HZ = 500.0  # a frame is part of the sound when within this of the clip's loudest frame
+ACTIVE_DB = 20.0  # a frame is part of the sound when within this of the clip's loudest frame
+BAND_LIMIT_HZ = (2500.0, 7000.0)  # range of the random low-pass cutoff
+BAND_LIMIT_ROLLOFF_HZ = 500.0  # its roll-off width
+LONG_BACKGROUND_S = 30.0  # a background file at least this long is a recording of the room: split by file, streamed whole
+NORMALISATION_EXAMPLES = 200
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # CPUs with bf16 units: autocast pays there, elsewhere it is slower
 
 
 @dataclass
@@ -59,18 +79,21 @@ class TrainSettings:
     preset: str = "small"
     max_length: int = 128  # frames of the model's window (from scratch)
     stride: int = 10  # patch stride, both axes (from scratch)
-    minutes: float = 8.0  # training time budget
-    max_steps: int | None = None  # a step budget instead (reproducible whatever the machine's load)
+    steps: int = DEFAULT_STEPS  # the step budget: the same data, seed and steps give the same weights
+    minutes: float | None = None  # an explicit cap on training time (stops early: then not reproducible)
     batch: int = 32
     lr: float = 1e-3
     val_fraction: float = 0.2
     seed: int = 0
     background: str = "background"
+    long_background: tuple[Path, ...] = ()  # --background DIR: long recordings of the room
     snr_db: tuple[float, float] = (0.0, 30.0)  # clip level above the background
     gain_db: tuple[float, float] = (-20.0, 6.0)
     negative_gain_db: tuple[float, float] = (-50.0, 6.0)
     band_limit: float = 0.4  # fraction of examples given a random low-pass (see Mixer.band_limit)
-    threads: int | None = None
+    threads: int | None = None  # None: every core
+    bf16: bool | None = None  # None: where the CPU has bf16 units
+    max_false_per_hour: float = 1.0  # thresholds keep false events on held-out background under this
 
 
 @dataclass
@@ -78,6 +101,11 @@ class Dataset:
     labels: list[str]
     clips: list[tuple[np.ndarray, int, str]]  # (16 kHz samples, label index, file name)
     background: list[np.ndarray] = field(default_factory=list)
+
+
+def audio_files(folder: Path) -> list[Path]:
+    """Audio files under ``folder`` (recursively), sorted: the order never depends on the file system."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
 
 
 def scan(data_dir: Path, background: str) -> tuple[dict[str, list[Path]], list[Path]]:
@@ -88,15 +116,32 @@ def scan(data_dir: Path, background: str) -> tuple[dict[str, list[Path]], list[P
     bg = files.pop(background, [])
     files = {k: v for k, v in files.items() if v}
     if len(files) < 1:
-        raise StreamerError(f"{data_dir}: no label folders with audio clips in them")
+        raise StreamerError(f"{data_dir}: no label folders with audio clips in them (one folder per label)")
     return files, bg
 
 
-def split(files: dict[str, list[Path]], bg: list[Path], fraction: float, seed: int):
-    """A split by file, stratified by label, with a fixed seed."""
+def readable(paths: list[Path], skipped: list[str]) -> dict[Path, np.ndarray]:
+    """Each file's audio; a file that cannot be decoded (or holds no audio) is skipped and named in ``skipped``."""
+    out = {}
+    for path in paths:
+        try:
+            audio = read_audio(path)
+        except StreamerError as exc:
+            skipped.append(str(exc))
+            continue
+        if len(audio) < window_samples(1):
+            skipped.append(f"{path}: shorter than one 25 ms frame")
+            continue
+        out[path] = audio
+    return out
+
+
+def split(files: dict[str, list[Path]], bg: list[Path], fraction: float, seed: int,
+          long_bg: list[Path] = ()) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+    """A split by file, stratified by label (short background clips and long recordings apart), fixed seed."""
     rng = random.Random(seed)
     train, val = {}, {}
-    for label, paths in list(files.items()) + [("\0bg", bg)]:
+    for label, paths in list(files.items()) + [("\0bg", bg), ("\0long", list(long_bg))]:
         shuffled = paths[:]
         rng.shuffle(shuffled)
         n_val = max(1, round(len(shuffled) * fraction)) if len(shuffled) > 1 else 0
@@ -104,26 +149,29 @@ def split(files: dict[str, list[Path]], bg: list[Path], fraction: float, seed: i
     return train, val
 
 
-def load(files: dict[str, list[Path]], labels: list[str], bg_key: str = "\0bg") -> Dataset:
-    clips = [(read_audio(p), labels.index(k), p.name) for k, paths in files.items() if k != bg_key for p in paths]
-    background = [read_audio(p) for p in files.get(bg_key, [])]
-    return Dataset(labels, clips, background)
-
-
 class Mixer:
-    """Random training examples: a clip at a random place over random background."""
+    """Random training examples, as inference will present them to the model.
+
+    In a stream, a window holds a clip anywhere — whole, or cut by the window's start or
+    end — over whatever the room sounds like; ``streamer detect`` on a clip file gives the
+    clip alone from sample 0, padded when shorter than the window. Both are drawn here, and
+    negatives of both kinds, so that neither the padding nor a clip's own recording
+    conditions (a 1 s clip ending in silence) can stand for a label.
+    """
 
     def __init__(self, data: Dataset, span: int, settings: TrainSettings, rng: np.random.Generator) -> None:
         self.data, self.span, self.s, self.rng = data, span, settings, rng
 
-    def noise(self) -> np.ndarray:
-        out = np.zeros(self.span, dtype=np.float32)
+    def noise(self, length: int | None = None) -> np.ndarray:
+        """A random crop of the background recordings (pieces end to end where one is too short)."""
+        length = self.span if length is None else length
+        out = np.zeros(length, dtype=np.float32)
         if not self.data.background:
-            return out + self.rng.normal(0, 1e-3, self.span).astype(np.float32)
+            return out + self.rng.normal(0, 1e-3, length).astype(np.float32)
         pos = 0
-        while pos < self.span:
+        while pos < length:
             bg = self.data.background[self.rng.integers(len(self.data.background))]
-            take = min(len(bg), self.span - pos)
+            take = min(len(bg), length - pos)
             start = self.rng.integers(0, len(bg) - take + 1)
             out[pos:pos + take] = bg[start:start + take]
             pos += take
@@ -147,19 +195,50 @@ class Mixer:
         start = int(self.rng.integers(lo, hi + 1))
         return clip[start:start + self.span]
 
+    def offset(self, clip: np.ndarray) -> int:
+        """Where in the window a clip (no longer than it) starts; across an edge for some examples,
+        as long as ``EDGE_MIN_ENERGY`` of its energy stays inside."""
+        inside = int(self.rng.integers(0, self.span - len(clip) + 1))
+        if self.rng.random() >= EDGE_FRACTION:
+            return inside
+        energy = np.cumsum(clip.astype(np.float64) ** 2)
+        total = energy[-1] + 1e-12
+        for _ in range(EDGE_TRIES):
+            cut = int(self.rng.integers(1, len(clip)))  # samples of the clip outside the window
+            if self.rng.random() < 0.5:  # across the start: its first `cut` samples are before it
+                kept = total - energy[cut - 1]
+                offset = -cut
+            else:  # across the end
+                kept = energy[len(clip) - cut - 1]
+                offset = self.span - len(clip) + cut
+            if kept / total >= EDGE_MIN_ENERGY:
+                return offset
+        return inside
+
     def example(self, clip: np.ndarray | None) -> np.ndarray:
-        bg = self.noise()
+        """One example: a clip (or, with None, nothing) in a stream or alone as a file."""
+        as_file = self.rng.random() < FILE_FRACTION
         if clip is None:  # background alone, from barely audible to loud: all of it means "nothing"
-            return self.band_limit(bg) * np.float32(10 ** (self.rng.uniform(*self.s.negative_gain_db) / 20))
+            gain = np.float32(10 ** (self.rng.uniform(*self.s.negative_gain_db) / 20))
+            if as_file:  # a short recording of nothing, padded as detect pads it
+                length = int(self.rng.integers(int(FILE_NEGATIVE_MIN_S * SAMPLE_RATE_HZ), self.span + 1))
+                return self.band_limit(self.noise(length)) * gain
+            return self.band_limit(self.noise()) * gain
         if len(clip) > self.span:
             clip = self.crop(clip)
-        offset = self.rng.integers(0, self.span - len(clip) + 1)
+        gain = np.float32(10 ** (self.rng.uniform(*self.s.gain_db) / 20))
+        if as_file:
+            return self.band_limit(clip.astype(np.float32)) * gain
+        bg = self.noise()
+        offset = self.offset(clip) if len(clip) < self.span else 0
+        lo, hi = max(0, offset), min(self.span, offset + len(clip))
+        part = clip[lo - offset:hi - offset]
         rms_clip = np.sqrt(np.mean(clip**2)) + 1e-8
         rms_bg = np.sqrt(np.mean(bg**2)) + 1e-8
         snr = self.rng.uniform(*self.s.snr_db)
         bg = bg * np.float32(rms_clip / rms_bg / 10 ** (snr / 20))
-        bg[offset:offset + len(clip)] += clip
-        return self.band_limit(bg) * np.float32(10 ** (self.rng.uniform(*self.s.gain_db) / 20))
+        bg[lo:hi] += part
+        return self.band_limit(bg) * gain
 
     def band_limit(self, wave: np.ndarray) -> np.ndarray:
         """Sometimes a random low-pass, to examples of every label and to background alone.
@@ -178,6 +257,8 @@ class Mixer:
 
 
 def features(waves: list[np.ndarray], feat: FeatureConfig) -> torch.Tensor:
+    """Model inputs; a wave shorter than the window is padded with zero frames, as the frontend
+    pads a short file (:func:`streamer.features.fbank.clip_features`)."""
     out = torch.empty(len(waves), feat.max_length, feat.num_mel_bins)
     for i, w in enumerate(waves):
         frames = log_mel(w, feat.num_mel_bins)[: feat.max_length]
@@ -197,48 +278,68 @@ def spec_augment(x: torch.Tensor, rng: np.random.Generator, max_freq: int = 16, 
     return x
 
 
-def fixed_examples(data: Dataset, span: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
-    """Deterministic validation examples: each clip at a fixed offset over background."""
-    rng = np.random.default_rng(seed + 1)
-    settings = TrainSettings(snr_db=(20.0, 20.0), gain_db=(0.0, 0.0), negative_gain_db=(-20.0, -20.0), band_limit=0.0)
-    mixer = Mixer(data, span, settings, rng)
-    waves = [mixer.example(clip) for clip, _, _ in data.clips]
-    targets = [label for _, label, _ in data.clips]
-    waves += [mixer.example(None) for _ in data.background]
-    targets += [-1] * len(data.background)
-    return waves, targets
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 units (AVX-512 BF16 or AMX): only there does bf16 autocast pay."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(f" {flag}" in flags for flag in BF16_CPU_FLAGS)
 
 
-def evaluate(model: AudioSpectrogramTransformer, x: torch.Tensor, targets: list[int], labels: list[str], offset: int = 0) -> dict:
-    """Clip accuracy (background = no label above threshold) and per-label precision/recall."""
-    model.eval()
-    with torch.inference_mode():
-        probs = torch.cat([model.probabilities(model(x[i:i + 64])) for i in range(0, len(x), 64)]).numpy()[:, offset:]
-    best = probs.argmax(axis=1)
-    predicted = np.where(probs.max(axis=1) >= THRESHOLD, best, -1)
-    truth = np.asarray(targets)
-    per_label = {}
-    for k, name in enumerate(labels):
-        tp = int(np.sum((predicted == k) & (truth == k)))
-        fp = int(np.sum((predicted == k) & (truth != k)))
-        fn = int(np.sum((predicted != k) & (truth == k)))
-        per_label[name] = {"precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
-                           "clips": int(np.sum(truth == k))}
-    return {"clip_accuracy": float(np.mean(predicted == truth)) if len(truth) else 0.0,
-            "clips": int(len(truth)), "per_label": per_label}
+def duration(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | None = None, progress=print) -> dict:
+def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | None = None,
+          progress: Callable[[str], None] = print) -> dict:
+    """Train, write the checkpoint, validate it as ``streamer detect`` would; the report.
+
+    The report's ``verdict`` is None for a usable model, else the one line that says why
+    not and the fix (the CLI prints it and exits ``streamer.cli.EXIT_UNUSABLE_MODEL``).
+    """
+    from streamer.validation import BACKGROUND, HeldOut, validate, verdict
+
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    threads = settings.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)  # set, not left to torch: the same count on every run of a recipe
+    bf16 = cpu_has_bf16() if settings.bf16 is None else settings.bf16
     files, bg = scan(data_dir, settings.background)
+    long_bg = []
+    for folder in settings.long_background:
+        if not Path(folder).is_dir():
+            raise StreamerError(f"--background {folder}: not a directory (give a folder of long recordings of the room)")
+        found = audio_files(Path(folder))
+        if not found:
+            raise StreamerError(f"--background {folder}: no audio files in it")
+        long_bg += found
+    skipped: list[str] = []
+    audio = readable([p for paths in files.values() for p in paths] + bg + long_bg, skipped)
+    if skipped:
+        progress(f"skipped {len(skipped)} file(s) that cannot be used: {skipped[0]}" + (" (and more: see --verbose)" if len(skipped) > 1 else ""))
+        for why in skipped[1:]:
+            log.info("skipped: %s", why)
+    files = {k: [p for p in v if p in audio] for k, v in files.items()}
+    files = {k: v for k, v in files.items() if v}
+    if not files:
+        raise StreamerError(f"{data_dir}: no readable audio clips in its label folders")
+    # DATA_DIR/background recordings as long as a room recording are streamed whole in validation too
+    long_bg = [p for p in long_bg if p in audio] + [p for p in bg if p in audio and len(audio[p]) >= LONG_BACKGROUND_S * SAMPLE_RATE_HZ]
+    bg = [p for p in bg if p in audio and p not in long_bg]
     new_labels = sorted(files)
-    train_files, val_files = split(files, bg, settings.val_fraction, settings.seed)
-    train_data, val_data = load(train_files, new_labels), load(val_files, new_labels)
-    progress(f"{len(new_labels)} labels, {len(train_data.clips)} training clips, {len(val_data.clips)} validation clips, "
-             f"{len(train_data.background)} + {len(val_data.background)} background clips")
+    train_files, val_files = split(files, bg, settings.val_fraction, settings.seed, long_bg)
+    train_data = Dataset(new_labels, [(audio[p], new_labels.index(k), p.name) for k, paths in train_files.items()
+                                      if not k.startswith("\0") for p in paths],
+                         [audio[p] for p in train_files["\0bg"] + train_files["\0long"]])
+    held = HeldOut([(p, k) for k, paths in val_files.items() if not k.startswith("\0") for p in paths],
+                   val_files["\0bg"], val_files["\0long"])
+    train_bg_s = sum(len(b) for b in train_data.background) / SAMPLE_RATE_HZ
+    val_bg_s = sum(len(audio[p]) for p in held.background_clips + held.background_streams) / SAMPLE_RATE_HZ
+    progress(f"{len(new_labels)} labels, {len(train_data.clips)} training clips, {len(held.clips)} validation clips; "
+             f"background {duration(train_bg_s)} for training, {duration(val_bg_s)} held out")
+    if not train_data.clips:
+        raise StreamerError(f"{data_dir}: too few clips to hold some out for validation (at least 2 per label)")
 
     if base:
         loaded = load_model(base)
@@ -251,7 +352,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     span = window_samples(feat.max_length)
 
     if not base:  # normalisation from the training data (features of plain clips over background)
-        sample = [Mixer(train_data, span, settings, rng).example(c) for c, _, _ in train_data.clips[:200]]
+        sample = [Mixer(train_data, span, settings, rng).example(c) for c, _, _ in train_data.clips[:NORMALISATION_EXAMPLES]]
         raw = torch.cat([log_mel(w, feat.num_mel_bins) for w in sample])
         feat = FeatureConfig(max_length=feat.max_length, mean=float(raw.mean()), std=float(raw.std()))
         config = ASTConfig(**PRESETS[settings.preset], max_length=feat.max_length, frequency_stride=settings.stride,
@@ -262,17 +363,20 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     else:
         model, config = _extend(loaded, new_labels)
 
-    val_waves, val_targets = fixed_examples(val_data, span, settings.seed)
-    val_x = features(val_waves, feat)
     offset = len(labels) - len(new_labels)
     params = [p for p in model.parameters() if p.requires_grad]
     # no weight decay on a base model: decay would move the frozen base labels' rows too
     optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0 if base else 0.05)
     mixer = Mixer(train_data, span, settings, rng)
-    deadline = time.monotonic() + settings.minutes * 60
-    started, step, best = time.monotonic(), 0, None
-    warmup = 50
-    while (step < settings.max_steps) if settings.max_steps else (time.monotonic() < deadline):
+    progress(f"training {settings.steps} steps of {settings.batch} examples ({'--base, head only' if base else settings.preset + ' AST'}), "
+             f"{threads} threads, {'bf16 autocast' if bf16 else 'fp32'}")
+    started, step, loss_avg = time.monotonic(), 0, None
+    deadline = started + settings.minutes * 60 if settings.minutes else None
+    while step < settings.steps:
+        if deadline is not None and time.monotonic() >= deadline:
+            progress(f"stopped by --minutes {settings.minutes:g} after {step} of {settings.steps} steps "
+                     "(a time cap: another run may stop elsewhere)")
+            break
         model.train()
         picks = rng.integers(0, len(train_data.clips), settings.batch)
         negative = rng.random(settings.batch) < NEGATIVE_FRACTION
@@ -285,46 +389,67 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
             else:
                 waves.append(mixer.example(None))
         x = spec_augment(features(waves, feat), rng)
-        elapsed = step / settings.max_steps if settings.max_steps else (time.monotonic() - started) / (settings.minutes * 60)
-        lr = settings.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed)))
+        lr = settings.lr * min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
         for group in optimiser.param_groups:
             group["lr"] = lr
-        if base:  # frozen backbone: only the new head rows learn, on the pooled embedding
-            with torch.no_grad():
-                pooled = model.forward_head(model.forward_features(x, pooled_only=True), pre_logits=True)
-            logits = model.head(pooled)
-        else:
-            logits = model(x)
-        loss = F.binary_cross_entropy_with_logits(logits[:, offset:], target[:, offset:])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if base:  # frozen backbone: only the new head rows learn, on the pooled embedding
+                with torch.no_grad():
+                    pooled = model.forward_head(model.forward_features(x, pooled_only=True), pre_logits=True)
+                logits = model.head(pooled)
+            else:
+                logits = model(x)
+        loss = F.binary_cross_entropy_with_logits(logits[:, offset:].float(), target[:, offset:])
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         step += 1
-        if step % 50 == 0:
-            report = evaluate(model, val_x, val_targets, new_labels, offset)
-            progress(f"step {step}, {time.monotonic() - started:.0f} s, loss {loss.item():.3f}, "
-                     f"validation clip accuracy {report['clip_accuracy']:.3f}")
-            if best is None or report["clip_accuracy"] >= best[0]:
-                best = (report["clip_accuracy"], {k: v.detach().clone() for k, v in model.state_dict().items()})
-    if best is not None:
-        model.load_state_dict(best[1])
-    report = evaluate(model, val_x, val_targets, new_labels, offset)
-    report.update(steps=step, seconds=round(time.monotonic() - started, 1), labels=new_labels,
-                  base=base, preset=None if base else settings.preset, max_length=feat.max_length)
+        loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()
+        if step % PROGRESS_EVERY_STEPS == 0 or step == settings.steps:
+            elapsed = time.monotonic() - started
+            rate = step / elapsed
+            progress(f"step {step}/{settings.steps} [{'#' * (20 * step // settings.steps):<20}] loss {loss_avg:.3f}, "
+                     f"{rate:.2f} steps/s, ETA {duration((settings.steps - step) / rate)}")
+    train_s = time.monotonic() - started
     model.eval()
     first_new = next((p for p in [*reversed(out_dir.absolute().parents), out_dir.absolute()] if not p.exists()), None)
     save_checkpoint(LoadedModel(model, config, feat, str(out_dir)), out_dir)
+    (out_dir / "split.json").write_text(json.dumps({"validation": {
+        **{k: [p.name for p in v] for k, v in val_files.items() if not k.startswith("\0")},
+        BACKGROUND: [p.name for p in val_files["\0bg"]],
+        "background_long": [str(p) for p in val_files["\0long"]]}}, indent=2) + "\n")
+
+    progress(f"validating {len(held.clips)} held-out clips and {duration(val_bg_s)} of background through `streamer detect`'s path")
+    started_val = time.monotonic()
+    report, chosen = validate(out_dir, held, new_labels, settings.max_false_per_hour, seed=settings.seed)
+    write_thresholds(out_dir, {k: {key: v[key] for key in ("on_threshold", "off_threshold", "recall", "false_events_per_hour")}
+                               for k, v in chosen.items()},
+                     chosen_for=f"at most {settings.max_false_per_hour:g} false events per hour on held-out background, "
+                                f"best recall of held-out clips in a stream (hop {report['hop_s']:g} s, default smoothing)",
+                     background_s=report["stream"]["background_s"])
+    report["thresholds"] = chosen
+    report.update(steps=step, steps_planned=settings.steps, seconds=round(train_s, 1),
+                  validation_seconds=round(time.monotonic() - started_val, 1), steps_per_s=round(step / train_s, 3) if train_s else None,
+                  threads=threads, bf16=bf16, seed=settings.seed, labels=new_labels, base=base,
+                  preset=None if base else settings.preset, max_length=feat.max_length, skipped=skipped)
+    report["verdict"] = verdict(report, step)
     (out_dir / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "split.json").write_text(json.dumps({"validation": {k if k != "\0bg" else "background": [p.name for p in v] for k, v in val_files.items()}}, indent=2) + "\n")
     make_readable(out_dir, created=first_new)
     return report
 
 
 def _init(model: AudioSpectrogramTransformer) -> None:
+    """Torch's default (fan-in scaled) init for the linear layers, ViT's for the patches and positions,
+    and zero class tokens, as transformers initialises them.
+
+    With every weight at std 0.02 (and random class tokens) a window's own content reaches the
+    pooled class tokens only faintly at first: the loss sat at the label prior for the first
+    ~350 steps on tones a tiny AST tells apart at once (bench/README.md, "Training").
+    """
     for name, p in model.named_parameters():
-        if p.dim() > 1:
-            torch.nn.init.trunc_normal_(p, std=0.02)
-        elif "token" in name or "pos_embed" in name:
+        if "token" in name:
+            torch.nn.init.zeros_(p)
+        elif "pos_embed" in name or "patch_embed" in name and p.dim() > 1:
             torch.nn.init.trunc_normal_(p, std=0.02)
 
 

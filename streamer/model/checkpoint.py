@@ -13,7 +13,7 @@ import json
 import logging
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -99,6 +99,8 @@ class LoadedModel:
     config: ASTConfig
     features: FeatureConfig
     source: str
+    # per-label (on, off) thresholds chosen by `streamer train` (thresholds.json), if any
+    thresholds: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -259,7 +261,10 @@ def load_model(path_or_id: str | Path, device: str | torch.device = "cpu") -> Lo
         directory, config.num_hidden_layers, config.hidden_size, config.max_length, config.num_labels,
         "multi-label" if config.multi_label else "single-label",
     )
-    return LoadedModel(model=model, config=config, features=features, source=str(directory))
+    from streamer.model.thresholds import read_thresholds
+
+    return LoadedModel(model=model, config=config, features=features, source=str(directory),
+                       thresholds=read_thresholds(directory, config.labels))
 
 
 def save_checkpoint(loaded: LoadedModel, directory: Path) -> None:

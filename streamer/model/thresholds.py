@@ -1,0 +1,53 @@
+"""Per-label event thresholds chosen from data, kept next to a checkpoint.
+
+``streamer train`` picks, for each label it trained, the on-threshold that keeps false
+events on held-out background under a target rate while keeping recall, and writes them
+to ``thresholds.json`` beside ``config.json``. Transformers ignores the file, so the
+checkpoint stays a standard one; the smoother takes a label's pair as its default when
+the config sets no threshold for that target (see
+:meth:`streamer.events.DetectSettings.targets`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from streamer.errors import CheckpointError
+from streamer.model.config import read_json
+
+THRESHOLDS_FILE = "thresholds.json"
+
+
+def read_thresholds(directory: Path, labels: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """``{label: (on_threshold, off_threshold)}`` from ``directory``'s thresholds.json, or {}.
+
+    A file that is there but broken is an error (a model whose calibration silently
+    vanished would fire at the wrong rate); labels the model does not have are refused.
+    """
+    path = directory / THRESHOLDS_FILE
+    if not path.is_file():
+        return {}
+    raw = read_json(path)
+    entries = raw.get("labels") if isinstance(raw, dict) else None
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{path}: expected {{\"labels\": {{label: {{\"on_threshold\": …, \"off_threshold\": …}}}}}}")
+    out: dict[str, tuple[float, float]] = {}
+    for label, entry in entries.items():
+        if label not in labels:
+            raise CheckpointError(f"{path}: label {label!r} is not one of the model's labels")
+        on, off = (entry.get(k) if isinstance(entry, dict) else None for k in ("on_threshold", "off_threshold"))
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
+                   for v in (on, off)) or off > on:
+            raise CheckpointError(f"{path}: {label}: expected 0 <= off_threshold <= on_threshold <= 1, got {entry!r}")
+        out[label] = (float(on), float(off))
+    return out
+
+
+def write_thresholds(directory: Path, thresholds: dict[str, dict[str, Any]], **about: Any) -> Path:
+    """Write ``{label: {"on_threshold", "off_threshold", …}}`` with how they were chosen (``about``)."""
+    path = directory / THRESHOLDS_FILE
+    path.write_text(json.dumps({**about, "labels": thresholds}, indent=2) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,226 @@
+"""Validation of a trained model on its held-out split, through the paths a user runs.
+
+Every figure here comes from :func:`streamer.detect.score_files` — the pipeline that
+``streamer detect`` and the daemon use — over the checkpoint as written to disk:
+
+- **as files**: each held-out clip is one file source, so a clip shorter than the window is
+  padded exactly as the frontend pads it; a file's label is its best-scoring label over
+  its windows when that score reaches the label's threshold, else background. This is
+  the clip accuracy the command prints and judges the model by;
+- **in a stream**: the held-out clips placed a few seconds apart in held-out background
+  (:func:`streamer.scenes.build_scene`), and every held-out background recording streamed
+  whole. Their window scores are replayed through the real :class:`EventSmoother` (the
+  shipped smoothing, one target per label and candidate threshold), which gives each
+  label's recall and false events per hour as functions of its on-threshold.
+
+The on-threshold of each label is then chosen on that split: the thresholds that keep
+false events on background within the target rate, and of those, the ones with the best
+recall; the chosen one sits ``THRESHOLD_MARGIN`` of the way up that range (a margin on
+both sides: the split is small, and clips it never saw tend to score lower).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from streamer.capture.files import read_audio
+from streamer.constants import SAMPLE_RATE_HZ
+from streamer.detect import FileScores, hop_to_frames, score_files
+from streamer.events import EventSmoother, Target, TargetSettings
+from streamer.features.fbank import window_samples
+from streamer.inference.engine import InferenceEngine
+from streamer.model import load_model
+from streamer.scenes import background_false_events, build_scene, event_metrics
+
+log = logging.getLogger(__name__)
+
+HOP_S = 1.0  # the daemon's and `streamer detect`'s default hop
+BATCH = 16  # windows per forward pass while validating
+THRESHOLD_GRID = tuple(round(0.05 + 0.025 * i, 3) for i in range(37))  # candidate on-thresholds, 0.05 … 0.95
+OFF_RATIO = 0.7  # off-threshold = 0.7 × on, as the shipped defaults (0.35 / 0.5)
+# where in the range of equally good thresholds the chosen one sits: near its low end, as clips
+# the split never saw score lower than its own (0.5 gave event F1 0.46 on the scenes, 0.25: see bench/README.md)
+THRESHOLD_MARGIN = 0.25
+SCENE_GAP_S = 6.0  # between held-out clips in the validation stream: a window plus the smoother's hold
+DEFAULT_MAX_FALSE_PER_HOUR = 1.0
+MIN_CLIP_ACCURACY = 0.6  # below this (or a label never recalled) the model is judged not usable
+SECONDS_PER_HOUR = 3600.0
+BACKGROUND = "background"
+
+
+@dataclass
+class HeldOut:
+    """The validation split: files the model never trained on."""
+
+    clips: list[tuple[Path, str]]  # (file, label)
+    background_clips: list[Path] = field(default_factory=list)  # short background clips: scored as files
+    background_streams: list[Path] = field(default_factory=list)  # long recordings: streamed whole
+
+
+def validate(model_dir: Path, held: HeldOut, labels: list[str], max_false_per_hour: float = DEFAULT_MAX_FALSE_PER_HOUR,
+             hop_s: float = HOP_S, seed: int = 0) -> tuple[dict, dict[str, dict]]:
+    """Score the held-out split through ``score_files``; choose thresholds; the report and them.
+
+    ``labels``: the labels this training added (a ``--base`` model's own labels are not
+    judged). Returns the report (written as validation.json) and ``{label: {on_threshold,
+    off_threshold, recall, false_events_per_hour}}`` (written as thresholds.json).
+    """
+    engine = InferenceEngine(load_model(model_dir), device="cpu", precision="fp32", max_batch=BATCH)
+    window = window_samples(engine.loaded.features.max_length)
+    collar_s = window / SAMPLE_RATE_HZ
+    columns = [engine.labels.index(label) for label in labels]
+    clip_audio = [(read_audio(path), label) for path, label in held.clips]
+    bed = [read_audio(p) for p in held.background_streams] or [read_audio(p) for p in held.background_clips]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(clip_audio))
+    scene, truth = build_scene([clip_audio[i] for i in order], bed, gap_s=SCENE_GAP_S, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="streamer-validation-") as tmp:
+        scene_path = Path(tmp) / "validation_scene.wav"
+        sf.write(scene_path, scene, SAMPLE_RATE_HZ, subtype="FLOAT")
+        streams = [scene_path] + list(held.background_streams)
+        short_bg = _joined(held.background_clips, Path(tmp) / "background_clips.wav", window)
+        if short_bg is not None and held.background_streams:
+            streams.append(short_bg)
+        files = [p for p, _ in held.clips] + list(held.background_clips)
+        results = score_files(files + streams, engine, hop_to_frames(hop_s))
+    file_results, stream_results = results[:len(files)], results[len(files):]
+    background_s = sum(len(r.start_sample) * hop_s for r in stream_results[1:])  # whole recordings
+
+    # in a stream: every (label, candidate threshold) through the real smoother
+    grid = _replay(stream_results, engine.labels, labels, window)
+    scene_ons = grid[0]
+    quiet_false, quiet_s = {}, 0.0
+    for key, ons in scene_ons.items():
+        quiet_false[key], quiet_s = background_false_events([(t, key[0]) for t in ons], truth, collar_s, len(scene) / SAMPLE_RATE_HZ)
+    hours = (background_s + quiet_s) / SECONDS_PER_HOUR
+    chosen: dict[str, dict] = {}
+    for label in labels:
+        events = [e for e in truth if e.label == label]
+        rows = []
+        for t in THRESHOLD_GRID:
+            false = len(quiet_false[(label, t)]) + sum(len(g[(label, t)]) for g in grid[1:])
+            hit = sum(1 for e in events if any(abs(on - e.onset) <= collar_s for on in scene_ons[(label, t)]))
+            rows.append((t, hit / len(events) if events else 0.0, false / hours if hours else 0.0))
+        chosen[label] = _choose(rows, max_false_per_hour, measured=hours > 0)
+
+    # as files: each clip's best label over its windows, against that label's threshold
+    truth_files = [label for _, label in held.clips] + [BACKGROUND] * len(held.background_clips)
+    predicted = []
+    for result in file_results:
+        best = result.scores[:, columns].max(axis=0) if len(result.scores) else np.zeros(len(columns))
+        k = int(best.argmax())
+        predicted.append(labels[k] if best[k] >= chosen[labels[k]]["on_threshold"] else BACKGROUND)
+    per_label = {}
+    for label in labels:
+        tp = sum(p == label and t == label for p, t in zip(predicted, truth_files))
+        fp = sum(p == label and t != label for p, t in zip(predicted, truth_files))
+        fn = sum(p != label and t == label for p, t in zip(predicted, truth_files))
+        per_label[label] = {"precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
+                            "clips": truth_files.count(label), "stream_recall": chosen[label]["recall"],
+                            "on_threshold": chosen[label]["on_threshold"]}
+    confusions: dict[str, int] = {}
+    for p, t in zip(predicted, truth_files):
+        if p != t:
+            confusions[f"{t} -> {p}"] = confusions.get(f"{t} -> {p}", 0) + 1
+
+    # the stream at the chosen thresholds, every label a target at once: what the daemon gives
+    targets = [Target(label, (label,), _settings(chosen[label]["on_threshold"])) for label in labels]
+    ons = [(on, name) for name, onsets in _events(stream_results[0], engine.labels, targets, window).items() for on in onsets]
+    scene_metrics = event_metrics(ons, truth, collar_s)
+    false_scene, _ = background_false_events(ons, truth, collar_s, len(scene) / SAMPLE_RATE_HZ)
+    false_bg = sum(len(v) for r in stream_results[1:] for v in _events(r, engine.labels, targets, window).values())
+    report = {
+        "clip_accuracy": float(np.mean([p == t for p, t in zip(predicted, truth_files)])) if truth_files else 0.0,
+        "clips": len(truth_files), "per_label": per_label, "confusions": dict(sorted(confusions.items())),
+        "stream": {"event_precision": scene_metrics["precision"], "event_recall": scene_metrics["recall"],
+                   "event_f1": scene_metrics["f1"], "clips": len(truth), "scene_s": round(len(scene) / SAMPLE_RATE_HZ, 1),
+                   "background_s": round(background_s + quiet_s, 1),
+                   "false_events": len(false_scene) + false_bg,
+                   "false_events_per_hour": (len(false_scene) + false_bg) / hours if hours else None},
+        "hop_s": hop_s, "max_false_events_per_hour": max_false_per_hour,
+        "held_out": {"clips": [f"{label}/{p.name}" for p, label in held.clips],
+                     "background_clips": [p.name for p in held.background_clips],
+                     "background_streams": [str(p) for p in held.background_streams]},
+    }
+    return report, chosen
+
+
+def _settings(on: float) -> TargetSettings:
+    """The shipped smoothing with this on-threshold (off at ``OFF_RATIO`` of it)."""
+    return replace(TargetSettings(), on_threshold=on, off_threshold=round(on * OFF_RATIO, 4))
+
+
+def _events(result: FileScores, all_labels: tuple[str, ...], targets: list[Target], window: int) -> dict[str, list[float]]:
+    """Onsets (s) of each target's ON events when ``result``'s windows go through the smoother."""
+    smoother = EventSmoother("validation", all_labels, targets, window)
+    ons: dict[str, list[float]] = {t.name: [] for t in targets}
+    for start, row in zip(result.start_sample, result.scores):
+        for event in smoother.update(int(start), row):
+            if event.state == "ON":
+                ons[event.target].append(event.start_sample / SAMPLE_RATE_HZ)
+    return ons
+
+
+def _replay(results: list[FileScores], all_labels: tuple[str, ...], labels: list[str], window: int) -> list[dict[tuple[str, float], list[float]]]:
+    """Per stream: ``{(label, threshold): onsets}`` for every label and candidate threshold."""
+    targets = [Target(f"{label}@{t}", (label,), _settings(t)) for label in labels for t in THRESHOLD_GRID]
+    out = []
+    for result in results:
+        ons = _events(result, all_labels, targets, window)
+        out.append({(name.rsplit("@", 1)[0], float(name.rsplit("@", 1)[1])): v for name, v in ons.items()})
+    return out
+
+
+def _choose(rows: list[tuple[float, float, float]], max_false_per_hour: float, measured: bool) -> dict:
+    """From ``(threshold, recall, false events per hour)`` rows: the chosen threshold and its figures."""
+    feasible = [r for r in rows if r[2] <= max_false_per_hour] if measured else rows
+    if not feasible:  # even the highest threshold fires on background too often
+        t, recall, false = rows[-1]
+        return {"on_threshold": t, "off_threshold": round(t * OFF_RATIO, 4), "recall": recall,
+                "false_events_per_hour": false, "within_target": False}
+    best = max(r[1] for r in feasible)
+    equal = [r[0] for r in feasible if r[1] == best]
+    # recall 0 whatever the threshold (the verdict says so): the lowest that keeps the rate,
+    # which gives unseen clips their best chance
+    target = equal[0] + (THRESHOLD_MARGIN * (equal[-1] - equal[0]) if best > 0 else 0.0)
+    t, recall, false = min(feasible, key=lambda r: (r[1] != best, abs(r[0] - target)))
+    return {"on_threshold": t, "off_threshold": round(t * OFF_RATIO, 4), "recall": recall,
+            "false_events_per_hour": false if measured else None, "within_target": measured}
+
+
+def _joined(paths: list[Path], out: Path, window: int) -> Path | None:
+    """The short background clips end to end as one stream (a window at least), or None."""
+    if not paths:
+        return None
+    audio = np.concatenate([read_audio(p) for p in paths])
+    if len(audio) < window:
+        return None
+    sf.write(out, audio, SAMPLE_RATE_HZ, subtype="FLOAT")
+    return out
+
+
+def verdict(report: dict, steps: int) -> str | None:
+    """None when the model is usable; else one line that says why and what to do about it."""
+    weak = sorted(k for k, v in report["per_label"].items() if v["recall"] == 0.0 or v["stream_recall"] == 0.0)
+    accuracy = report["clip_accuracy"]
+    if accuracy >= MIN_CLIP_ACCURACY and not weak:
+        return None
+    why = []
+    if accuracy < MIN_CLIP_ACCURACY:
+        why.append(f"clip accuracy {accuracy:.2f} < {MIN_CLIP_ACCURACY:.2f}")
+    if weak:
+        why.append(f"recall 0 for {', '.join(weak)}")
+    fixes = []
+    if weak and len(weak) <= len(report["per_label"]) // 2:  # most labels missed: too little training, not those labels
+        fixes.append(f"more clips of {', '.join(weak)}")
+    noisy = sorted(k for k, v in report.get("thresholds", {}).items() if not v.get("within_target", True))
+    if noisy or report["stream"]["false_events_per_hour"] is None:
+        fixes.append("more background recordings (streamer record mic background/room.wav --minutes 60)")
+    fixes.append(f"more steps (--steps {steps * 2})")
+    return f"model NOT usable: {'; '.join(why)}; fix: {', or '.join(fixes)}"
