@@ -290,3 +290,28 @@ def test_the_pacer_runs_many_due_calls_on_one_timer_never_early_and_honours_canc
     assert all(at >= due for _, due, at in ran)  # never early
     dues = [due for _, due, _ in ran]
     assert dues == sorted(dues)  # in due order
+
+
+def test_a_failing_paced_call_does_not_stop_the_others(caplog):
+    import asyncio
+
+    from streamer.capture.ingest import Pacer
+
+    loop = asyncio.new_event_loop()
+    try:
+        pacer = Pacer(loop)
+        ran = []
+        start = loop.time()
+
+        def boom():
+            raise RuntimeError("a bug")
+
+        pacer.call_at(start + 0.01, boom)
+        pacer.call_at(start + 0.01, lambda: ran.append("same wake"))
+        pacer.call_at(start + 0.1, lambda: ran.append("later"))
+        loop.call_at(start + 0.3, loop.stop)
+        loop.run_forever()
+    finally:
+        loop.close()
+    assert ran == ["same wake", "later"]
+    assert "a paced call failed" in caplog.text

@@ -86,13 +86,18 @@ class Pacer:
         due = []
         while self._heap and self._heap[0][0] <= now:  # calls queued while these run wait for the next wake
             due.append(heapq.heappop(self._heap)[2])
-        for call in due:
-            if not call.cancelled:
-                call.callback()  # sources guard their own callbacks (Source._guarded)
-        while self._heap and self._heap[0][2].cancelled:
-            heapq.heappop(self._heap)
-        if self._heap:
-            self._arm(max(self._heap[0][0], now + PACE_COALESCE_S))
+        try:
+            for call in due:
+                if not call.cancelled:
+                    try:
+                        call.callback()  # sources guard their own callbacks (Source._guarded)
+                    except Exception:  # a bug in one must not stop every paced source
+                        log.exception("ingest: a paced call failed")
+        finally:
+            while self._heap and self._heap[0][2].cancelled:
+                heapq.heappop(self._heap)
+            if self._heap:
+                self._arm(max(self._heap[0][0], now + PACE_COALESCE_S))
 
 
 class Driven(Protocol):
