@@ -44,8 +44,13 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "model"
     long = ["--background", str(BACKGROUND_LONG)] if BACKGROUND_LONG.is_dir() else []
     result = run_cli("train", str(REAL_AUDIO), "--out", str(out), "--steps", TRAIN_STEPS, "--threads", "2", *long, timeout=3600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "clip accuracy" in result.stdout
+    # the shipped recipe on the shared clips is judged not usable today (some labels are never
+    # recalled in a stream: bench/README.md); the model is written either way and the tests
+    # below use it — what the verdict must look like is asserted here
+    assert result.returncode in (0, EXIT_UNUSABLE_MODEL), result.stdout + result.stderr
+    verdicts = [line for line in result.stderr.splitlines() if "model NOT usable" in line]
+    assert len(verdicts) == (result.returncode == EXIT_UNUSABLE_MODEL), result.stderr
+    assert "clip accuracy" in result.stdout and (out / "model.safetensors").is_file()
     return out
 
 
