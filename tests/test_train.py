@@ -312,7 +312,7 @@ def test_verdict_useless_model_exits_non_zero_with_one_line_and_a_good_one_exits
     assert (tmp_path / "bad" / "model.safetensors").is_file()  # still written
 
     good_dir = tmp_path / "good"
-    good = run_cli("train", str(data), "--out", str(good_dir), "--steps", "400", "--preset", "tiny", "--batch", "16", timeout=900)
+    good = run_cli("train", str(data), "--out", str(good_dir), "--steps", "800", "--preset", "tiny", "--batch", "16", timeout=900)
     assert good.returncode == 0, good.stdout + good.stderr
     assert "NOT usable" not in good.stderr and "steps/s" in good.stdout and "ETA" in good.stdout
     report = json.loads((good_dir / "validation.json").read_text())
