@@ -37,8 +37,6 @@ import json
 import logging
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -212,21 +210,8 @@ def live(audio: Path, model: Path, args, seconds: float, labels: list[str], work
         "sources:",
         f"  - {{name: home, type: file, path: {json.dumps(str(audio))}, realtime: true}}",
     ]) + "\n")
-    logfile = open(work / "home-live.log", "w")
-    daemon = subprocess.Popen([sys.executable, "-m", "streamer", "run", "--config", str(config)], cwd=REPO,
-                              stdout=logfile, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + args.start_timeout
-        while time.monotonic() < deadline:
-            if daemon.poll() is not None:
-                raise RuntimeError(f"the daemon exited ({daemon.returncode}); see {logfile.name}")
-            try:
-                if bench_pipeline.scrape(port).get("windows", 0) >= 1:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        else:
+    with bench_pipeline.running_daemon(config, work / "home-live.log", port, args.start_timeout) as daemon:
+        if daemon is None:
             return {"error": f"no window scored within {args.start_timeout} s"}
         time.sleep(LIVE_WARMUP_S)
         m0, (c0, _, _), w0 = bench_pipeline.scrape(port), bench_pipeline.proc(daemon.pid), time.monotonic()
@@ -236,13 +221,6 @@ def live(audio: Path, model: Path, args, seconds: float, labels: list[str], work
         return {"seconds": round(span, 1), "windows_per_s": round((m1["windows"] - m0["windows"]) / span, 2),
                 "skipped_per_s": round((m1.get("skipped", 0) - m0.get("skipped", 0)) / span, 2),
                 "cpu_pct_of_cores": round(100 * (c1 - c0) / span / (os.cpu_count() or 1), 2), "rss_mib": round(rss / 2**20)}
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-        logfile.close()
 
 
 def main() -> None:

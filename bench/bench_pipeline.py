@@ -17,6 +17,7 @@ transformers). The machine's CPU and GPU are recorded with the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,28 +122,44 @@ def quantile(before: dict, after: dict, q: float) -> float | None:
     return None
 
 
+@contextlib.contextmanager
+def running_daemon(config: Path, log_path: Path, port: int, start_timeout: float) -> Iterator[subprocess.Popen | None]:
+    """``streamer run --config CONFIG`` until the block ends (then SIGTERM): the process once
+    its /metrics counts a scored window, or None if none came within ``start_timeout``."""
+    with open(log_path, "w") as log:
+        daemon = subprocess.Popen([sys.executable, "-m", "streamer", "run", "--config", str(config)], cwd=REPO,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + start_timeout
+            while time.monotonic() < deadline:
+                if daemon.poll() is not None:
+                    raise RuntimeError(f"the daemon exited ({daemon.returncode}); see {log_path}")
+                try:
+                    if scrape(port).get("windows", 0) >= 1:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.5)
+            else:
+                yield None
+                return
+            yield daemon
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(60)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+
+
 def measure(streams: int, args, model: Path, audio: Path, work: Path) -> dict:
     port = free_port()
     config = work / f"bench-{streams}.yaml"
     write_config(config, model, audio, streams, args, port)
-    log = open(work / f"bench-{streams}.log", "w")
-    daemon = subprocess.Popen([sys.executable, "-m", "streamer", "run", "--config", str(config)], cwd=REPO,
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + args.start_timeout
-        while time.monotonic() < deadline:
-            if daemon.poll() is not None:
-                raise RuntimeError(f"the daemon exited ({daemon.returncode}); see {log.name}")
-            try:
-                if scrape(port).get("windows", 0) >= 1:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        else:
+    with running_daemon(config, work / f"bench-{streams}.log", port, args.start_timeout) as daemon:
+        if daemon is None:
             return {"streams": streams, "error": f"no window scored within {args.start_timeout} s"}
         time.sleep(args.warmup)
-        threads_peak = 0
         m0, (c0, t, _), w0 = scrape(port), proc(daemon.pid), time.monotonic()
         threads_peak = t
         end = w0 + args.seconds
@@ -177,13 +195,6 @@ def measure(streams: int, args, model: Path, audio: Path, work: Path) -> dict:
         result["sustained"] = (result["skipped_per_s"] == 0 and result["latency_p99_s"] is not None
                                and result["latency_p99_s"] < 1.0 and result["windows_per_s"] >= 0.95 * streams / args.hop)
         return result
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-        log.close()
 
 
 def gpu_sampler(seconds: float) -> subprocess.Popen | None:
