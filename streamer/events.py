@@ -22,7 +22,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -285,39 +284,28 @@ class SmootherBank:
         self._uses_median = bool(self._median_sizes)
         self.reset()
 
-    def reset(self, row: int | None = None) -> None:
-        """Forget everything (``row=None``) or one stream's state."""
+    def reset(self) -> None:
+        """Forget every stream's state."""
         shape = (len(self.streams), len(self.targets))
-        if row is None:
-            self.raw = np.zeros(shape)
-            self.smoothed = np.zeros(shape)
-            self.windows = np.zeros(len(self.streams), dtype=np.int64)
-            self._history = np.zeros((len(self.streams), self._depth, len(self.targets)))
-            self.active = np.zeros(shape, dtype=bool)
-            self._above_since = np.full(shape, -1, dtype=np.int64)  # start of the current run ≥ on (event start)
-            self._below_since = np.full(shape, -1, dtype=np.int64)  # start of the current run < off (event end)
-            self._below_at = np.full(shape, -1, dtype=np.int64)  # score position where that run began
-            self._above_at = np.full(shape, -1, dtype=np.int64)
-            self._ready_at = np.zeros(shape, dtype=np.int64)  # cooldown: no ON before this position
-            self._peak = np.zeros(shape)
-            self._sum = np.zeros(shape)
-            self._count = np.zeros(shape, dtype=np.int64)
-            self._start = np.zeros(shape, dtype=np.int64)
-            self._last_end = np.zeros(len(self.streams), dtype=np.int64)
-            self._last_wall = np.full(len(self.streams), np.nan)
-            self._anchor = np.full(len(self.streams), np.nan)  # wall clock of sample 0: see _wall
-            self._start_wall: dict[tuple[int, int], float | None] = {}
-            self._drivers: dict[tuple[int, int], tuple[str, ...]] = {}
-            return
-        for name, fill in (("raw", 0.0), ("smoothed", 0.0), ("windows", 0), ("_history", 0.0), ("active", False),
-                           ("_above_since", -1), ("_below_since", -1), ("_below_at", -1), ("_above_at", -1),
-                           ("_ready_at", 0), ("_peak", 0.0), ("_sum", 0.0), ("_count", 0), ("_start", 0),
-                           ("_last_end", 0), ("_last_wall", np.nan), ("_anchor", np.nan)):
-            getattr(self, name)[row] = fill
-        for key in [k for k in self._start_wall if k[0] == row]:
-            del self._start_wall[key]
-        for key in [k for k in self._drivers if k[0] == row]:
-            del self._drivers[key]
+        self.raw = np.zeros(shape)
+        self.smoothed = np.zeros(shape)
+        self.windows = np.zeros(len(self.streams), dtype=np.int64)
+        self._history = np.zeros((len(self.streams), self._depth, len(self.targets)))
+        self.active = np.zeros(shape, dtype=bool)
+        self._above_since = np.full(shape, -1, dtype=np.int64)  # start of the current run ≥ on (event start)
+        self._below_since = np.full(shape, -1, dtype=np.int64)  # start of the current run < off (event end)
+        self._below_at = np.full(shape, -1, dtype=np.int64)  # score position where that run began
+        self._above_at = np.full(shape, -1, dtype=np.int64)
+        self._ready_at = np.zeros(shape, dtype=np.int64)  # cooldown: no ON before this position
+        self._peak = np.zeros(shape)
+        self._sum = np.zeros(shape)
+        self._count = np.zeros(shape, dtype=np.int64)
+        self._start = np.zeros(shape, dtype=np.int64)
+        self._last_end = np.zeros(len(self.streams), dtype=np.int64)
+        self._last_wall = np.full(len(self.streams), np.nan)
+        self._anchor = np.full(len(self.streams), np.nan)  # wall clock of sample 0: see _wall
+        self._start_wall: dict[tuple[int, int], float | None] = {}
+        self._drivers: dict[tuple[int, int], tuple[str, ...]] = {}
 
     def target_scores(self, probs: np.ndarray) -> np.ndarray:
         """(windows × labels) probabilities → (windows × targets) scores (max or noisy-or)."""
