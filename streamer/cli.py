@@ -343,8 +343,10 @@ def cmd_labels(args: argparse.Namespace) -> int:
     needle = search.casefold()
     for index, name in enumerate(loaded.labels):
         if needle in name.casefold():
-            pair = loaded.thresholds.get(name)
-            print(f"{index}\t{name}" + (f"\ton {pair[0]:.3f}\toff {pair[1]:.3f}" if pair else ""))
+            chosen = loaded.thresholds.get(name)
+            shown = "" if chosen is None else f"\ton {chosen.on_threshold:.3f}\toff {chosen.off_threshold:.3f}" + (
+                "" if chosen.ema_alpha is None else f"\tema {chosen.ema_alpha:g}")
+            print(f"{index}\t{name}{shown}")
     return 0
 
 

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 COMBINE = ("max", "noisy_or")
 SMOOTHING = ("none", "ema", "median")
+THRESHOLD_KEYS = {"on_threshold", "off_threshold"}
+SMOOTHING_KEYS = {"smoothing", "ema_alpha", "median_windows"}  # a target's config that sets any of these keeps its smoothing
 MIN_LEVEL_RANGE_DBFS = (-120.0, 0.0)  # detect.min_level_dbfs: what a float sample can express
 
 
@@ -153,13 +155,14 @@ class DetectSettings:
         return cls(defaults=defaults, groups=groups, overrides=overrides, **patterns,
                    min_level_dbfs=None if min_level is None else float(min_level))
 
-    def targets(self, labels: tuple[str, ...], calibrated: dict[str, tuple[float, float]] | None = None) -> list[Target]:
+    def targets(self, labels: tuple[str, ...], calibrated: dict[str, tuple] | None = None) -> list[Target]:
         """Groups first, then every label matched by include and not by exclude.
 
-        ``calibrated``: per-label ``(on, off)`` thresholds chosen from data by ``streamer
-        train`` (the model's thresholds.json). They replace ``defaults``' thresholds for
-        that label's target; a target whose ``targets.NAME`` section sets either threshold
-        keeps the config's (the config wins).
+        ``calibrated``: per-label ``(on, off[, ema_alpha])`` chosen from data by ``streamer
+        train`` (the model's thresholds.json, :class:`streamer.model.thresholds.Calibration`).
+        They replace ``defaults``' thresholds (and smoothing: an EMA of that weight) for that
+        label's target; a target whose ``targets.NAME`` section sets either threshold keeps
+        the config's thresholds, one that sets its smoothing keeps that (the config wins).
         """
         calibrated = calibrated or {}
         known = set(labels)
@@ -180,12 +183,14 @@ class DetectSettings:
                 raise StreamerError(f"detect.targets.{name}: no such target (not a group, or an excluded/unknown label)")
         return out
 
-    def _settings(self, name: str, calibrated: dict[str, tuple[float, float]]) -> TargetSettings:
+    def _settings(self, name: str, calibrated: dict[str, tuple]) -> TargetSettings:
         override = self.overrides.get(name, {})
-        pair = calibrated.get(name) if name not in self.groups else None
+        chosen = calibrated.get(name) if name not in self.groups else None
         base = self.defaults
-        if pair is not None and not {"on_threshold", "off_threshold"} & set(override):
-            base = replace(base, on_threshold=pair[0], off_threshold=pair[1])
+        if chosen is not None and not THRESHOLD_KEYS & set(override):
+            base = replace(base, on_threshold=chosen[0], off_threshold=chosen[1])
+        if chosen is not None and len(chosen) > 2 and chosen[2] is not None and not SMOOTHING_KEYS & set(override):
+            base = replace(base, smoothing="ema", ema_alpha=chosen[2])
         settings = replace(base, **override)
         settings.check(f"detect.targets.{name}" if name in self.overrides else "detect.defaults")
         return settings

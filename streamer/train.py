@@ -94,6 +94,12 @@ class TrainSettings:
     threads: int | None = None  # None: every core
     bf16: bool | None = None  # None: where the CPU has bf16 units
     max_false_per_hour: float = 1.0  # thresholds keep false events on held-out background under this
+    mixup: float = 0.0  # fraction of clip examples that hold a second clip of another label (both labels on)
+    speed: float = 0.0  # clips played at a random speed within 1 ± this (pitch and length change together)
+    ema: float = 0.0  # decay of the weight average that is saved (0: the last weights)
+    negatives: float = NEGATIVE_FRACTION  # fraction of examples that are background alone
+    loss: str = "bce"  # "bce": sigmoid per label; "bce+ce": plus a softmax over the labels and "nothing" (logit 0), so labels compete
+    device: str = "cpu"  # where the model trains ("cuda" on a GPU box); validation always runs as the CPU daemon does
 
 
 @dataclass
@@ -215,8 +221,31 @@ class Mixer:
                 return offset
         return inside
 
-    def example(self, clip: np.ndarray | None) -> np.ndarray:
-        """One example: a clip (or, with None, nothing) in a stream or alone as a file."""
+    def stretch(self, clip: np.ndarray) -> np.ndarray:
+        """The clip at a random speed within 1 ± ``speed`` (linear interpolation: pitch and length together)."""
+        if self.s.speed <= 0:
+            return clip
+        factor = self.rng.uniform(1 - self.s.speed, 1 + self.s.speed)
+        length = max(2, int(round(len(clip) / factor)))
+        return np.interp(np.linspace(0, len(clip) - 1, length), np.arange(len(clip)), clip).astype(np.float32)
+
+    def add_other(self, wave: np.ndarray, clip: np.ndarray, other: np.ndarray) -> np.ndarray:
+        """A second clip (another label) over an example, whole inside the window, within ±6 dB of the first."""
+        other = self.stretch(other)
+        if len(other) > self.span:
+            other = self.crop(other)
+        if len(wave) < len(other):  # a short file: padded as far as the second clip reaches
+            wave = np.concatenate([wave, np.zeros(len(other) - len(wave), np.float32)])
+        level = np.sqrt(np.mean(clip.astype(np.float64) ** 2)) / (np.sqrt(np.mean(other.astype(np.float64) ** 2)) + 1e-8)
+        level *= 10 ** (self.rng.uniform(-6.0, 6.0) / 20)
+        start = int(self.rng.integers(0, len(wave) - len(other) + 1))
+        wave = wave.copy()
+        wave[start:start + len(other)] += other * np.float32(level)
+        return wave
+
+    def example(self, clip: np.ndarray | None, other: np.ndarray | None = None) -> np.ndarray:
+        """One example: a clip (or, with None, nothing) in a stream or alone as a file;
+        ``other``: a second clip of another label in the same window."""
         as_file = self.rng.random() < FILE_FRACTION
         if clip is None:  # background alone, from barely audible to loud: all of it means "nothing"
             gain = np.float32(10 ** (self.rng.uniform(*self.s.negative_gain_db) / 20))
@@ -224,11 +253,15 @@ class Mixer:
                 length = int(self.rng.integers(int(FILE_NEGATIVE_MIN_S * SAMPLE_RATE_HZ), self.span + 1))
                 return self.band_limit(self.noise(length)) * gain
             return self.band_limit(self.noise()) * gain
+        clip = self.stretch(clip)
         if len(clip) > self.span:
             clip = self.crop(clip)
         gain = np.float32(10 ** (self.rng.uniform(*self.s.gain_db) / 20))
         if as_file:
-            return self.band_limit(clip.astype(np.float32)) * gain
+            wave = clip.astype(np.float32)
+            if other is not None:
+                wave = self.add_other(wave, clip, other)
+            return self.band_limit(wave) * gain
         bg = self.noise()
         offset = self.offset(clip) if len(clip) < self.span else 0
         lo, hi = max(0, offset), min(self.span, offset + len(clip))
@@ -238,6 +271,8 @@ class Mixer:
         snr = self.rng.uniform(*self.s.snr_db)
         bg = bg * np.float32(rms_clip / rms_bg / 10 ** (snr / 20))
         bg[lo:hi] += part
+        if other is not None:
+            bg = self.add_other(bg, clip, other)
         return self.band_limit(bg) * gain
 
     def band_limit(self, wave: np.ndarray) -> np.ndarray:
@@ -304,7 +339,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     rng = np.random.default_rng(settings.seed)
     threads = settings.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)  # set, not left to torch: the same count on every run of a recipe
-    bf16 = cpu_has_bf16() if settings.bf16 is None else settings.bf16
+    bf16 = (cpu_has_bf16() and settings.device == "cpu") if settings.bf16 is None else settings.bf16
     files, bg = scan(data_dir, settings.background)
     long_bg = []
     for folder in settings.long_background:
@@ -364,10 +399,14 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
         model, config = _extend(loaded, new_labels)
 
     offset = len(labels) - len(new_labels)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # no weight decay on a base model: decay would move the frozen base labels' rows too
-    optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0 if base else 0.05)
+    # no weight decay on a base model (below): decay would move the frozen base labels' rows too
     mixer = Mixer(train_data, span, settings, rng)
+    device = torch.device(settings.device)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0 if base else 0.05)
+    average = [p.detach().clone() for p in params] if settings.ema > 0 else None
+    by_label_except = {k: [i for i, c in enumerate(train_data.clips) if c[1] != k] for k in range(len(new_labels))}
     progress(f"training {settings.steps} steps of {settings.batch} examples ({'--base, head only' if base else settings.preset + ' AST'}), "
              f"{threads} threads, {'bf16 autocast' if bf16 else 'fp32'}")
     started, step, loss_avg = time.monotonic(), 0, None
@@ -379,31 +418,41 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
             break
         model.train()
         picks = rng.integers(0, len(train_data.clips), settings.batch)
-        negative = rng.random(settings.batch) < NEGATIVE_FRACTION
+        negative = rng.random(settings.batch) < settings.negatives
         waves, target = [], torch.zeros(settings.batch, len(labels))
         for row, pick in enumerate(picks):
             if not negative[row]:
                 clip, label, _ = train_data.clips[pick]
-                waves.append(mixer.example(clip))
+                other = None
+                if settings.mixup > 0 and rng.random() < settings.mixup:
+                    others = by_label_except[label]
+                    if others:
+                        other, other_label, _ = train_data.clips[others[rng.integers(len(others))]]
+                        target[row, offset + other_label] = 1.0
+                waves.append(mixer.example(clip, other))
                 target[row, offset + label] = 1.0
             else:
                 waves.append(mixer.example(None))
-        x = spec_augment(features(waves, feat), rng)
+        x = spec_augment(features(waves, feat), rng).to(device)
         lr = settings.lr * min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
         for group in optimiser.param_groups:
             group["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if base:  # frozen backbone: only the new head rows learn, on the pooled embedding
                 with torch.no_grad():
                     pooled = model.forward_head(model.forward_features(x, pooled_only=True), pre_logits=True)
                 logits = model.head(pooled)
             else:
                 logits = model(x)
-        loss = F.binary_cross_entropy_with_logits(logits[:, offset:].float(), target[:, offset:])
+        loss = _loss(logits[:, offset:].float(), target[:, offset:].to(device), settings.loss)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         step += 1
+        if average is not None:  # warmed-up decay: early steps are not stuck in the average
+            decay = min(settings.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(average, params, 1 - decay)
         loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()
         if step % PROGRESS_EVERY_STEPS == 0 or step == settings.steps:
             elapsed = time.monotonic() - started
@@ -411,7 +460,10 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
             progress(f"step {step}/{settings.steps} [{'#' * (20 * step // settings.steps):<20}] loss {loss_avg:.3f}, "
                      f"{rate:.2f} steps/s, ETA {duration((settings.steps - step) / rate)}")
     train_s = time.monotonic() - started
-    model.eval()
+    if average is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(params, average)
+    model.to("cpu").eval()
     first_new = next((p for p in [*reversed(out_dir.absolute().parents), out_dir.absolute()] if not p.exists()), None)
     save_checkpoint(LoadedModel(model, config, feat, str(out_dir)), out_dir)
     (out_dir / "split.json").write_text(json.dumps({"validation": {
@@ -422,10 +474,10 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     progress(f"validating {len(held.clips)} held-out clips and {duration(val_bg_s)} of background through `streamer detect`'s path")
     started_val = time.monotonic()
     report, chosen = validate(out_dir, held, new_labels, settings.max_false_per_hour, seed=settings.seed)
-    write_thresholds(out_dir, {k: {key: v[key] for key in ("on_threshold", "off_threshold", "recall", "false_events_per_hour")}
+    write_thresholds(out_dir, {k: {key: v[key] for key in ("on_threshold", "off_threshold", "ema_alpha", "recall", "false_events_per_hour")}
                                for k, v in chosen.items()},
                      chosen_for=f"at most {settings.max_false_per_hour:g} false events per hour on held-out background, "
-                                f"best recall of held-out clips in a stream (hop {report['hop_s']:g} s, default smoothing)",
+                                f"best recall of held-out clips in a stream (hop {report['hop_s']:g} s, the shipped smoothing with the EMA weight chosen too)",
                      background_s=report["stream"]["background_s"])
     report["thresholds"] = chosen
     report.update(steps=step, steps_planned=settings.steps, seconds=round(train_s, 1),
@@ -436,6 +488,18 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     (out_dir / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
     make_readable(out_dir, created=first_new)
     return report
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Binary cross-entropy per label; with ``"bce+ce"`` also a softmax cross-entropy over the
+    labels and an implicit "nothing" class of logit 0 (target: the example's labels shared
+    equally, or nothing), which makes similar labels compete for a window instead of both firing."""
+    loss = F.binary_cross_entropy_with_logits(logits, target)
+    if kind == "bce+ce":
+        full = torch.cat([logits, torch.zeros_like(logits[:, :1])], dim=1)
+        soft = torch.cat([target, (target.sum(dim=1, keepdim=True) == 0).float()], dim=1)
+        loss = loss + F.cross_entropy(full, soft / soft.sum(dim=1, keepdim=True))
+    return loss
 
 
 def _init(model: AudioSpectrogramTransformer) -> None:

@@ -16,7 +16,10 @@ Every figure here comes from :func:`streamer.detect.score_files` — the pipelin
 The on-threshold of each label is then chosen on that split: the thresholds that keep
 false events on background within the target rate, and of those, the ones with the best
 recall; the chosen one sits ``THRESHOLD_MARGIN`` of the way up that range (a margin on
-both sides: the split is small, and clips it never saw tend to score lower).
+both sides: the split is small, and clips it never saw tend to score lower). The EMA
+weight is chosen with it, from ``EMA_CHOICES``: the shipped 0.5 halves a sound that only
+one window sees (a key drop at hop 1 s), while a steady sound is best averaged; per
+label, the weight whose threshold gives the better recall wins (on a tie, the shipped one).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ HOP_S = 1.0  # the daemon's and `streamer detect`'s default hop
 BATCH = 16  # windows per forward pass while validating
 THRESHOLD_GRID = tuple(round(0.05 + 0.025 * i, 3) for i in range(37))  # candidate on-thresholds, 0.05 … 0.95
 OFF_RATIO = 0.7  # off-threshold = 0.7 × on, as the shipped defaults (0.35 / 0.5)
+EMA_CHOICES = (0.5, 1.0)  # candidate EMA weights of the newest window: the shipped default first (it wins ties), none
 # where in the range of equally good thresholds the chosen one sits: near its low end, as clips
 # the split never saw score lower than its own (0.5 gave event F1 0.46 on the scenes, 0.25: see bench/README.md)
 THRESHOLD_MARGIN = 0.25
@@ -102,12 +106,17 @@ def validate(model_dir: Path, held: HeldOut, labels: list[str], max_false_per_ho
     chosen: dict[str, dict] = {}
     for label in labels:
         events = [e for e in truth if e.label == label]
-        rows = []
-        for t in THRESHOLD_GRID:
-            false = len(quiet_false[(label, t)]) + sum(len(g[(label, t)]) for g in grid[1:])
-            hit = sum(1 for e in events if any(abs(on - e.onset) <= collar_s for on in scene_ons[(label, t)]))
-            rows.append((t, hit / len(events) if events else 0.0, false / hours if hours else 0.0))
-        chosen[label] = _choose(rows, max_false_per_hour, measured=hours > 0)
+        candidates = []
+        for alpha in EMA_CHOICES:
+            rows = []
+            for t in THRESHOLD_GRID:
+                key = (label, alpha, t)
+                false = len(quiet_false[key]) + sum(len(g[key]) for g in grid[1:])
+                hit = sum(1 for e in events if any(abs(on - e.onset) <= collar_s for on in scene_ons[key]))
+                rows.append((t, hit / len(events) if events else 0.0, false / hours if hours else 0.0))
+            candidates.append({**_choose(rows, max_false_per_hour, measured=hours > 0), "ema_alpha": alpha})
+        # within the rate, the better recall; on a tie the shipped weight (averaging is the safer bet on unseen ambience)
+        chosen[label] = max(candidates, key=lambda c: (c["within_target"], c["recall"], c["ema_alpha"] == EMA_CHOICES[0]))
 
     # as files: each clip's best label over its windows, against that label's threshold
     truth_files = [label for _, label in held.clips] + [BACKGROUND] * len(held.background_clips)
@@ -130,7 +139,7 @@ def validate(model_dir: Path, held: HeldOut, labels: list[str], max_false_per_ho
             confusions[f"{t} -> {p}"] = confusions.get(f"{t} -> {p}", 0) + 1
 
     # the stream at the chosen thresholds, every label a target at once: what the daemon gives
-    targets = [Target(label, (label,), _settings(chosen[label]["on_threshold"])) for label in labels]
+    targets = [Target(label, (label,), _settings(chosen[label]["on_threshold"], chosen[label]["ema_alpha"])) for label in labels]
     ons = [(on, name) for name, onsets in _events(stream_results[0], engine.labels, targets, window).items() for on in onsets]
     scene_metrics = event_metrics(ons, truth, collar_s)
     false_scene, _ = background_false_events(ons, truth, collar_s, len(scene) / SAMPLE_RATE_HZ)
@@ -151,9 +160,9 @@ def validate(model_dir: Path, held: HeldOut, labels: list[str], max_false_per_ho
     return report, chosen
 
 
-def _settings(on: float) -> TargetSettings:
-    """The shipped smoothing with this on-threshold (off at ``OFF_RATIO`` of it)."""
-    return replace(TargetSettings(), on_threshold=on, off_threshold=round(on * OFF_RATIO, 4))
+def _settings(on: float, alpha: float) -> TargetSettings:
+    """The shipped smoothing with this on-threshold (off at ``OFF_RATIO`` of it) and EMA weight."""
+    return replace(TargetSettings(), on_threshold=on, off_threshold=round(on * OFF_RATIO, 4), smoothing="ema", ema_alpha=alpha)
 
 
 def _events(result: FileScores, all_labels: tuple[str, ...], targets: list[Target], window: int) -> dict[str, list[float]]:
@@ -167,13 +176,15 @@ def _events(result: FileScores, all_labels: tuple[str, ...], targets: list[Targe
     return ons
 
 
-def _replay(results: list[FileScores], all_labels: tuple[str, ...], labels: list[str], window: int) -> list[dict[tuple[str, float], list[float]]]:
-    """Per stream: ``{(label, threshold): onsets}`` for every label and candidate threshold."""
-    targets = [Target(f"{label}@{t}", (label,), _settings(t)) for label in labels for t in THRESHOLD_GRID]
+def _replay(results: list[FileScores], all_labels: tuple[str, ...], labels: list[str], window: int
+            ) -> list[dict[tuple[str, float, float], list[float]]]:
+    """Per stream: ``{(label, ema_alpha, threshold): onsets}`` for every label, EMA weight and candidate threshold."""
+    keys = [(label, alpha, t) for label in labels for alpha in EMA_CHOICES for t in THRESHOLD_GRID]
+    targets = [Target(f"{i}", (label,), _settings(t, alpha)) for i, (label, alpha, t) in enumerate(keys)]
     out = []
     for result in results:
         ons = _events(result, all_labels, targets, window)
-        out.append({(name.rsplit("@", 1)[0], float(name.rsplit("@", 1)[1])): v for name, v in ons.items()})
+        out.append({keys[int(name)]: v for name, v in ons.items()})
     return out
 
 
@@ -183,7 +194,7 @@ def _choose(rows: list[tuple[float, float, float]], max_false_per_hour: float, m
     if not feasible:  # even the highest threshold fires on background too often
         t, recall, false = rows[-1]
         return {"on_threshold": t, "off_threshold": round(t * OFF_RATIO, 4), "recall": recall,
-                "false_events_per_hour": false, "within_target": False}
+                "false_events_per_hour": false, "within_target": False, "range": 0.0}
     best = max(r[1] for r in feasible)
     equal = [r[0] for r in feasible if r[1] == best]
     # recall 0 whatever the threshold (the verdict says so): the lowest that keeps the rate,
@@ -191,7 +202,8 @@ def _choose(rows: list[tuple[float, float, float]], max_false_per_hour: float, m
     target = equal[0] + (THRESHOLD_MARGIN * (equal[-1] - equal[0]) if best > 0 else 0.0)
     t, recall, false = min(feasible, key=lambda r: (r[1] != best, abs(r[0] - target)))
     return {"on_threshold": t, "off_threshold": round(t * OFF_RATIO, 4), "recall": recall,
-            "false_events_per_hour": false if measured else None, "within_target": measured}
+            "false_events_per_hour": false if measured else None, "within_target": measured,
+            "range": round(equal[-1] - equal[0], 4)}
 
 
 def _joined(paths: list[Path], out: Path, window: int) -> Path | None:

@@ -15,12 +15,16 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from streamer.errors import CheckpointError
 from streamer.model.ast import AudioSpectrogramTransformer
 from streamer.model.config import ASTConfig, FeatureConfig, read_json
+
+if TYPE_CHECKING:
+    from streamer.model.thresholds import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +103,8 @@ class LoadedModel:
     config: ASTConfig
     features: FeatureConfig
     source: str
-    # per-label (on, off) thresholds chosen by `streamer train` (thresholds.json), if any
-    thresholds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # per-label thresholds (and EMA weight) chosen by `streamer train` (thresholds.json), if any
+    thresholds: dict[str, Calibration] = field(default_factory=dict)
 
     @property
     def labels(self) -> tuple[str, ...]:

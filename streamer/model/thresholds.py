@@ -1,11 +1,12 @@
 """Per-label event thresholds chosen from data, kept next to a checkpoint.
 
 ``streamer train`` picks, for each label it trained, the on-threshold that keeps false
-events on held-out background under a target rate while keeping recall, and writes them
-to ``thresholds.json`` beside ``config.json``. Transformers ignores the file, so the
-checkpoint stays a standard one; the smoother takes a label's pair as its default when
-the config sets no threshold for that target (see
-:meth:`streamer.events.DetectSettings.targets`).
+events on held-out background under a target rate while keeping recall — and the EMA
+weight it was chosen with (a short sound seen by one window is halved by the shipped EMA;
+a steady one is best averaged) — and writes them to ``thresholds.json`` beside
+``config.json``. Transformers ignores the file, so the checkpoint stays a standard one;
+the smoother takes a label's values as its defaults where the config sets none for that
+target (see :meth:`streamer.events.DetectSettings.targets`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from streamer.errors import CheckpointError
 from streamer.model.config import read_json
@@ -21,8 +22,16 @@ from streamer.model.config import read_json
 THRESHOLDS_FILE = "thresholds.json"
 
 
-def read_thresholds(directory: Path, labels: tuple[str, ...]) -> dict[str, tuple[float, float]]:
-    """``{label: (on_threshold, off_threshold)}`` from ``directory``'s thresholds.json, or {}.
+class Calibration(NamedTuple):
+    """One label's values chosen from data; ``ema_alpha`` None: the smoothing was not chosen."""
+
+    on_threshold: float
+    off_threshold: float
+    ema_alpha: float | None = None
+
+
+def read_thresholds(directory: Path, labels: tuple[str, ...]) -> dict[str, Calibration]:
+    """``{label: Calibration}`` from ``directory``'s thresholds.json, or {}.
 
     A file that is there but broken is an error (a model whose calibration silently
     vanished would fire at the wrong rate); labels the model does not have are refused.
@@ -34,7 +43,7 @@ def read_thresholds(directory: Path, labels: tuple[str, ...]) -> dict[str, tuple
     entries = raw.get("labels") if isinstance(raw, dict) else None
     if not isinstance(entries, dict):
         raise CheckpointError(f"{path}: expected {{\"labels\": {{label: {{\"on_threshold\": …, \"off_threshold\": …}}}}}}")
-    out: dict[str, tuple[float, float]] = {}
+    out: dict[str, Calibration] = {}
     for label, entry in entries.items():
         if label not in labels:
             raise CheckpointError(f"{path}: label {label!r} is not one of the model's labels")
@@ -42,7 +51,11 @@ def read_thresholds(directory: Path, labels: tuple[str, ...]) -> dict[str, tuple
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
                    for v in (on, off)) or off > on:
             raise CheckpointError(f"{path}: {label}: expected 0 <= off_threshold <= on_threshold <= 1, got {entry!r}")
-        out[label] = (float(on), float(off))
+        alpha = entry.get("ema_alpha")
+        if alpha is not None and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+                                      and math.isfinite(alpha) and 0.0 < alpha <= 1.0):
+            raise CheckpointError(f"{path}: {label}: ema_alpha must be in (0, 1], got {alpha!r}")
+        out[label] = Calibration(float(on), float(off), None if alpha is None else float(alpha))
     return out
 
 

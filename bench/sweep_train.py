@@ -1,0 +1,95 @@
+"""Training recipes side by side: each recipe × seed trained, validated and scored on scenes.
+
+Every run is ``streamer.train.train`` (the code of ``streamer train``) with some settings
+overridden, followed by ``bench/eval_scenes.py``'s evaluation of its held-out split with
+the thresholds it chose. Seeds change the split too, so a recipe's mean over seeds is
+less at the mercy of which 40 clips were held out. Runs go in parallel, one process each
+(``--jobs``), on the CPU or with the model on a GPU (``--device cuda``: a recipe search in
+minutes; the shipped figures are then measured with ``streamer train`` on the CPU).
+
+    python bench/sweep_train.py RECIPES.json --seeds 0 1 2 --jobs 8 --device cuda --out results.json
+
+RECIPES.json: ``{"name": {"steps": 1200, "mixup": 0.3, ...}, ...}`` (TrainSettings fields).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def run(job: tuple[str, dict, int, str, str, str, int]) -> dict:
+    name, overrides, seed, data, background, device, threads = job
+    import torch
+
+    from eval_scenes import evaluate
+    from streamer.train import TrainSettings, train
+
+    torch.set_num_threads(threads)
+    settings = TrainSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()},
+                             seed=seed, threads=threads, device=device, long_background=(Path(background),))
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
+        out = Path(tmp) / "model"
+        try:
+            report = train(Path(data), out, settings, progress=lambda m: None)
+            scenes = evaluate(out, Path(data), None, seed=0)
+        except Exception as exc:  # one broken recipe must not lose the others' results
+            return {"recipe": name, "seed": seed, "error": f"{type(exc).__name__}: {exc}"}
+    return {"recipe": name, "seed": seed, "seconds": round(time.monotonic() - started, 1),
+            "train_s": report["seconds"], "clip_accuracy": report["clip_accuracy"],
+            "stream_f1": report["stream"]["event_f1"], "verdict": report["verdict"],
+            "confusions": report["confusions"],
+            "scenes_f1": scenes["f1"], "scenes_precision": scenes["precision"], "scenes_recall": scenes["recall"],
+            "scenes_false_per_min": scenes["false_events_per_minute_on_background"],
+            "ambience_false_per_10_min": scenes.get("false_events_per_10_min_on_ambience"),
+            "ambience_false": scenes.get("ambience_false_events"),
+            "missed": sorted(c["label"] for c in scenes["clips"] if c["detected_at"] is None)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipes", type=Path)
+    parser.add_argument("--only", nargs="*", help="recipes to run (default: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "audio" / "real"))
+    parser.add_argument("--background", default=str(ROOT.parent / "shared" / "audio" / "background_long"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    recipes = json.loads(args.recipes.read_text())
+    names = args.only or list(recipes)
+    jobs = [(n, recipes[n], s, args.data, args.background, args.device, args.threads) for s in args.seeds for n in names]
+    jobs.sort(key=lambda job: -job[1].get("steps", 1200))  # the longest first: the pool's tail is short ones
+    results = []
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        for r in pool.imap_unordered(run, jobs):
+            results.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("confusions", "ambience_false", "missed")}), flush=True)
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
+    summary = {}
+    for n in names:
+        rs = [r for r in results if r["recipe"] == n and "error" not in r]
+        if rs:
+            summary[n] = {k: round(sum(r[k] for r in rs) / len(rs), 3) for k in
+                          ("clip_accuracy", "stream_f1", "scenes_f1", "scenes_precision", "scenes_recall",
+                           "ambience_false_per_10_min", "train_s")}
+            summary[n]["runs"] = len(rs)
+    args.out.write_text(json.dumps({"summary": summary, "runs": results}, indent=1) + "\n")
+    for n, s in sorted(summary.items(), key=lambda kv: -kv[1]["scenes_f1"]):
+        print(f"{n:<24} " + "  ".join(f"{k} {v}" for k, v in s.items()))
+
+
+if __name__ == "__main__":
+    main()
