@@ -46,7 +46,7 @@ def run(job: tuple[str, dict, int, str, str, str, int]) -> dict:
         except Exception as exc:  # one broken recipe must not lose the others' results
             return {"recipe": name, "seed": seed, "error": f"{type(exc).__name__}: {exc}"}
     return {"recipe": name, "seed": seed, "seconds": round(time.monotonic() - started, 1),
-            "train_s": report["seconds"], "clip_accuracy": report["clip_accuracy"],
+            "train_s": report["seconds"], "clip_accuracy": report["clip_accuracy"], "top_label_accuracy": report["top_label_accuracy"],
             "stream_f1": report["stream"]["event_f1"], "verdict": report["verdict"],
             "confusions": report["confusions"],
             "scenes_f1": scenes["f1"], "scenes_precision": scenes["precision"], "scenes_recall": scenes["recall"],
@@ -83,7 +83,7 @@ def main() -> None:
         rs = [r for r in results if r["recipe"] == n and "error" not in r]
         if rs:
             summary[n] = {k: round(sum(r[k] for r in rs) / len(rs), 3) for k in
-                          ("clip_accuracy", "stream_f1", "scenes_f1", "scenes_precision", "scenes_recall",
+                          ("clip_accuracy", "top_label_accuracy", "stream_f1", "scenes_f1", "scenes_precision", "scenes_recall",
                            "ambience_false_per_10_min", "train_s")}
             summary[n]["runs"] = len(rs)
     args.out.write_text(json.dumps({"summary": summary, "runs": results}, indent=1) + "\n")

@@ -19,7 +19,7 @@ RECORD_DEFAULT_S = 5.0
 RECORD_RING_S = 30.0  # `record` writes as it reads: the ring only bridges the writer's pauses
 WAV_LIMIT_BYTES = 2**32 - 2**20  # past this a plain WAV header overflows: RF64 instead
 EXIT_UNUSABLE_MODEL = 3  # `streamer train` wrote the model but judged it not usable (its verdict line says why)
-DEFAULT_TRAIN_STEPS = 1200  # streamer.train.DEFAULT_STEPS (kept here so --help needs no torch import)
+DEFAULT_TRAIN_STEPS = 4000  # streamer.train.DEFAULT_STEPS (kept here so --help needs no torch import)
 
 
 def _positive_int(text: str) -> int:
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("data", type=Path, metavar="DATA_DIR", help="one folder per label; a 'background' folder for negatives and noise")
     tr.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR", help="where to write the checkpoint")
     tr.add_argument("--base", help="pretrained AST to extend (frozen backbone, new label rows); default: train a small AST from scratch")
-    tr.add_argument("--preset", choices=["tiny", "small"], default="small", help="model size from scratch (default small)")
+    tr.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="model size from scratch (default tiny)")
     tr.add_argument("--max-length", type=_positive_int, default=128, help="window in frames from scratch (default 128 = 1.28 s)")
     tr.add_argument("--background", type=Path, action="append", default=[], metavar="DIR",
                     help="long recordings of the room (e.g. from `streamer record mic DIR/room.wav --minutes 60`), "
@@ -197,7 +197,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     report = train(args.data, args.out, settings, base=args.base, progress=lambda m: print(m, flush=True))
     stream = report["stream"]
     false = "not measured (no background)" if stream["false_events_per_hour"] is None else f"{stream['false_events_per_hour']:.1f}"
-    print(f"held-out clips as `streamer detect` scores them: clip accuracy {report['clip_accuracy']:.3f} on {report['clips']} clips; "
+    print(f"held-out clips as `streamer detect` scores them: clip accuracy {report['clip_accuracy']:.3f} on {report['clips']} clips "
+          f"(top label right for {report['top_label_accuracy']:.3f} of the labelled ones); "
           f"in a stream: event F1 {stream['event_f1']:.2f}, false events per hour {false} "
           f"on {stream['background_s'] / 60:.1f} min of background ({report['steps']} steps, {report['seconds']:.0f} s); model in {args.out}")
     for name, r in report["per_label"].items():

@@ -5,9 +5,10 @@ rate; an optional ``background`` folder, and any ``--background DIR`` of long re
 of the room (``streamer record mic background/room.wav --minutes 60``), supply negatives
 and the noise that clips are mixed into. Two ways to train:
 
-- from scratch (no ``--base``): a small AST (a size preset; its window may be shorter than
-  1024 frames, e.g. 128 = 1.28 s), multi-label, with the feature mean/std computed from the
-  training data;
+- from scratch (no ``--base``): a small AST (a size preset, ``tiny`` by default; its window
+  may be shorter than 1024 frames, e.g. 128 = 1.28 s), multi-label, with the feature
+  mean/std computed from the training data; the model saved is the running average of
+  its weights (``ema``);
 - with ``--base`` (a pretrained AST, such as the AudioSet one): the backbone is frozen and
   new label rows are trained on its pooled embedding, so one checkpoint holds the base
   labels **and** the new ones and nothing downstream changes.
@@ -44,6 +45,7 @@ from streamer.capture.files import read_audio
 from streamer.constants import SAMPLE_RATE_HZ
 from streamer.errors import StreamerError
 from streamer.features.fbank import log_mel, window_samples
+from streamer.inference.cpu import CpuFeatures, cpu_features
 from streamer.model.ast import AudioSpectrogramTransformer
 from streamer.model.checkpoint import LoadedModel, load_model, save_checkpoint
 from streamer.model.config import ASTConfig, FeatureConfig
@@ -56,7 +58,7 @@ PRESETS = {
     "tiny": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=3, intermediate_size=384),
     "small": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768),
 }
-DEFAULT_STEPS = 1200  # the default step budget (bench/README.md: minutes on a 2-core CPU)
+DEFAULT_STEPS = 4000  # the default step budget: ~13 min of the tiny preset on an idle 2-core CPU (bench/README.md)
 WARMUP_STEPS = 50
 PROGRESS_EVERY_STEPS = 50
 NEGATIVE_FRACTION = 0.35  # examples of background alone: the model must learn to say "nothing" (0.25: more false events on ambience)
@@ -71,12 +73,11 @@ BAND_LIMIT_HZ = (2500.0, 7000.0)  # range of the random low-pass cutoff
 BAND_LIMIT_ROLLOFF_HZ = 500.0  # its roll-off width
 LONG_BACKGROUND_S = 30.0  # a background file at least this long is a recording of the room: split by file, streamed whole
 NORMALISATION_EXAMPLES = 200
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # CPUs with bf16 units: autocast pays there, elsewhere it is slower
 
 
 @dataclass
 class TrainSettings:
-    preset: str = "small"
+    preset: str = "tiny"  # on the shared clips tiny with 4000 steps beat small with the same time (bench/README.md)
     max_length: int = 128  # frames of the model's window (from scratch)
     stride: int = 10  # patch stride, both axes (from scratch)
     steps: int = DEFAULT_STEPS  # the step budget: the same data, seed and steps give the same weights
@@ -94,11 +95,8 @@ class TrainSettings:
     threads: int | None = None  # None: every core
     bf16: bool | None = None  # None: where the CPU has bf16 units
     max_false_per_hour: float = 1.0  # thresholds keep false events on held-out background under this
-    mixup: float = 0.0  # fraction of clip examples that hold a second clip of another label (both labels on)
-    speed: float = 0.0  # clips played at a random speed within 1 ± this (pitch and length change together)
-    ema: float = 0.0  # decay of the weight average that is saved (0: the last weights)
+    ema: float = 0.998  # decay of the average of the weights that is saved (0: the last weights)
     negatives: float = NEGATIVE_FRACTION  # fraction of examples that are background alone
-    loss: str = "bce"  # "bce": sigmoid per label; "bce+ce": plus a softmax over the labels and "nothing" (logit 0), so labels compete
     device: str = "cpu"  # where the model trains ("cuda" on a GPU box); validation always runs as the CPU daemon does
 
 
@@ -221,31 +219,8 @@ class Mixer:
                 return offset
         return inside
 
-    def stretch(self, clip: np.ndarray) -> np.ndarray:
-        """The clip at a random speed within 1 ± ``speed`` (linear interpolation: pitch and length together)."""
-        if self.s.speed <= 0:
-            return clip
-        factor = self.rng.uniform(1 - self.s.speed, 1 + self.s.speed)
-        length = max(2, int(round(len(clip) / factor)))
-        return np.interp(np.linspace(0, len(clip) - 1, length), np.arange(len(clip)), clip).astype(np.float32)
-
-    def add_other(self, wave: np.ndarray, clip: np.ndarray, other: np.ndarray) -> np.ndarray:
-        """A second clip (another label) over an example, whole inside the window, within ±6 dB of the first."""
-        other = self.stretch(other)
-        if len(other) > self.span:
-            other = self.crop(other)
-        if len(wave) < len(other):  # a short file: padded as far as the second clip reaches
-            wave = np.concatenate([wave, np.zeros(len(other) - len(wave), np.float32)])
-        level = np.sqrt(np.mean(clip.astype(np.float64) ** 2)) / (np.sqrt(np.mean(other.astype(np.float64) ** 2)) + 1e-8)
-        level *= 10 ** (self.rng.uniform(-6.0, 6.0) / 20)
-        start = int(self.rng.integers(0, len(wave) - len(other) + 1))
-        wave = wave.copy()
-        wave[start:start + len(other)] += other * np.float32(level)
-        return wave
-
-    def example(self, clip: np.ndarray | None, other: np.ndarray | None = None) -> np.ndarray:
-        """One example: a clip (or, with None, nothing) in a stream or alone as a file;
-        ``other``: a second clip of another label in the same window."""
+    def example(self, clip: np.ndarray | None) -> np.ndarray:
+        """One example: a clip (or, with None, nothing) in a stream or alone as a file."""
         as_file = self.rng.random() < FILE_FRACTION
         if clip is None:  # background alone, from barely audible to loud: all of it means "nothing"
             gain = np.float32(10 ** (self.rng.uniform(*self.s.negative_gain_db) / 20))
@@ -253,15 +228,11 @@ class Mixer:
                 length = int(self.rng.integers(int(FILE_NEGATIVE_MIN_S * SAMPLE_RATE_HZ), self.span + 1))
                 return self.band_limit(self.noise(length)) * gain
             return self.band_limit(self.noise()) * gain
-        clip = self.stretch(clip)
         if len(clip) > self.span:
             clip = self.crop(clip)
         gain = np.float32(10 ** (self.rng.uniform(*self.s.gain_db) / 20))
         if as_file:
-            wave = clip.astype(np.float32)
-            if other is not None:
-                wave = self.add_other(wave, clip, other)
-            return self.band_limit(wave) * gain
+            return self.band_limit(clip.astype(np.float32)) * gain
         bg = self.noise()
         offset = self.offset(clip) if len(clip) < self.span else 0
         lo, hi = max(0, offset), min(self.span, offset + len(clip))
@@ -271,8 +242,6 @@ class Mixer:
         snr = self.rng.uniform(*self.s.snr_db)
         bg = bg * np.float32(rms_clip / rms_bg / 10 ** (snr / 20))
         bg[lo:hi] += part
-        if other is not None:
-            bg = self.add_other(bg, clip, other)
         return self.band_limit(bg) * gain
 
     def band_limit(self, wave: np.ndarray) -> np.ndarray:
@@ -313,13 +282,12 @@ def spec_augment(x: torch.Tensor, rng: np.random.Generator, max_freq: int = 16, 
     return x
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 units (AVX-512 BF16 or AMX): only there does bf16 autocast pay."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return any(f" {flag}" in flags for flag in BF16_CPU_FLAGS)
+def use_bf16(requested: bool | None, device: str, cpu: CpuFeatures) -> bool:
+    """bf16 autocast: as requested, else on a CPU with bf16 units (AVX-512 BF16 or AMX) only —
+    elsewhere it is slower than fp32 — and never on a GPU unless asked (the recipe's figures are fp32)."""
+    if requested is not None:
+        return requested
+    return device == "cpu" and cpu.bf16_units
 
 
 def duration(seconds: float) -> str:
@@ -339,7 +307,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     rng = np.random.default_rng(settings.seed)
     threads = settings.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)  # set, not left to torch: the same count on every run of a recipe
-    bf16 = (cpu_has_bf16() and settings.device == "cpu") if settings.bf16 is None else settings.bf16
+    bf16 = use_bf16(settings.bf16, settings.device, cpu_features())
     files, bg = scan(data_dir, settings.background)
     long_bg = []
     for folder in settings.long_background:
@@ -406,7 +374,6 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0 if base else 0.05)
     average = [p.detach().clone() for p in params] if settings.ema > 0 else None
-    by_label_except = {k: [i for i, c in enumerate(train_data.clips) if c[1] != k] for k in range(len(new_labels))}
     progress(f"training {settings.steps} steps of {settings.batch} examples ({'--base, head only' if base else settings.preset + ' AST'}), "
              f"{threads} threads, {'bf16 autocast' if bf16 else 'fp32'}")
     started, step, loss_avg = time.monotonic(), 0, None
@@ -423,13 +390,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
         for row, pick in enumerate(picks):
             if not negative[row]:
                 clip, label, _ = train_data.clips[pick]
-                other = None
-                if settings.mixup > 0 and rng.random() < settings.mixup:
-                    others = by_label_except[label]
-                    if others:
-                        other, other_label, _ = train_data.clips[others[rng.integers(len(others))]]
-                        target[row, offset + other_label] = 1.0
-                waves.append(mixer.example(clip, other))
+                waves.append(mixer.example(clip))
                 target[row, offset + label] = 1.0
             else:
                 waves.append(mixer.example(None))
@@ -444,7 +405,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
                 logits = model.head(pooled)
             else:
                 logits = model(x)
-        loss = _loss(logits[:, offset:].float(), target[:, offset:].to(device), settings.loss)
+        loss = F.binary_cross_entropy_with_logits(logits[:, offset:].float(), target[:, offset:].to(device))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -452,7 +413,8 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
         if average is not None:  # warmed-up decay: early steps are not stuck in the average
             decay = min(settings.ema, (1 + step) / (10 + step))
             with torch.no_grad():
-                torch._foreach_lerp_(average, params, 1 - decay)
+                for mean, p in zip(average, params):
+                    mean.lerp_(p, 1 - decay)
         loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()
         if step % PROGRESS_EVERY_STEPS == 0 or step == settings.steps:
             elapsed = time.monotonic() - started
@@ -460,9 +422,10 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
             progress(f"step {step}/{settings.steps} [{'#' * (20 * step // settings.steps):<20}] loss {loss_avg:.3f}, "
                      f"{rate:.2f} steps/s, ETA {duration((settings.steps - step) / rate)}")
     train_s = time.monotonic() - started
-    if average is not None:
+    if average is not None:  # the saved model is the average: steadier on clips it never saw (bench/README.md)
         with torch.no_grad():
-            torch._foreach_copy_(params, average)
+            for p, mean in zip(params, average):
+                p.copy_(mean)
     model.to("cpu").eval()
     first_new = next((p for p in [*reversed(out_dir.absolute().parents), out_dir.absolute()] if not p.exists()), None)
     save_checkpoint(LoadedModel(model, config, feat, str(out_dir)), out_dir)
@@ -488,18 +451,6 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     (out_dir / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
     make_readable(out_dir, created=first_new)
     return report
-
-
-def _loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Binary cross-entropy per label; with ``"bce+ce"`` also a softmax cross-entropy over the
-    labels and an implicit "nothing" class of logit 0 (target: the example's labels shared
-    equally, or nothing), which makes similar labels compete for a window instead of both firing."""
-    loss = F.binary_cross_entropy_with_logits(logits, target)
-    if kind == "bce+ce":
-        full = torch.cat([logits, torch.zeros_like(logits[:, :1])], dim=1)
-        soft = torch.cat([target, (target.sum(dim=1, keepdim=True) == 0).float()], dim=1)
-        loss = loss + F.cross_entropy(full, soft / soft.sum(dim=1, keepdim=True))
-    return loss
 
 
 def _init(model: AudioSpectrogramTransformer) -> None:

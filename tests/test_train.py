@@ -25,7 +25,7 @@ from streamer.cli import DEFAULT_TRAIN_STEPS, EXIT_UNUSABLE_MODEL
 from streamer.features.fbank import window_samples
 from streamer.scenes import background_false_events, build_scene, event_metrics, missed, sed_eval_metrics
 
-TRAIN_STEPS = os.environ.get("STREAMER_TRAIN_STEPS", "1200")  # the shipped recipe's length (streamer.train.DEFAULT_STEPS)
+TRAIN_STEPS = os.environ.get("STREAMER_TRAIN_STEPS", str(DEFAULT_TRAIN_STEPS))  # the shipped recipe's length
 BACKGROUND_LONG = REAL_AUDIO.parent / "background_long"  # long real ambience, when present
 # labels the scene test inserts and the daemon targets; crying_baby is inserted but not a
 # target: the model also fires on a held-out background clip with a voice in it (see
@@ -260,6 +260,49 @@ def test_calibrated_thresholds_are_defaults_the_config_still_wins_over():
     assert {t.name: t.settings.on_threshold for t in settings.targets(labels)}["knock"] == 0.5  # without: as before
 
 
+def test_bf16_autocast_only_where_the_cpu_has_bf16_units_unless_asked(tmp_path):
+    from streamer.inference.cpu import cpu_features
+    from streamer.train import use_bf16
+
+    def cpu(flags):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"model name\t: test\nflags\t\t: {flags}\n")
+        return cpu_features(info)
+
+    xeon, epyc = cpu("avx2 avx512f avx512_bf16 amx_bf16 amx_tile"), cpu("fpu sse avx fma avx2")
+    assert use_bf16(None, "cpu", xeon) and not use_bf16(None, "cpu", epyc)
+    assert not use_bf16(None, "cuda", xeon)  # the GPU trains in fp32 unless asked
+    assert use_bf16(True, "cpu", epyc) and not use_bf16(False, "cpu", xeon)  # an explicit choice wins
+    assert not use_bf16(None, "cpu", cpu_features(tmp_path / "no-such-cpuinfo"))
+
+
+def test_the_calibrated_ema_weight_is_the_smoothing_unless_the_config_sets_one():
+    from streamer.events import DetectSettings
+    from streamer.model.thresholds import Calibration
+
+    labels = ("knock", "hum", "alarm")
+    calibrated = {"knock": Calibration(0.4, 0.28, 1.0), "hum": Calibration(0.6, 0.42, 0.5), "alarm": Calibration(0.7, 0.49, 1.0)}
+    settings = DetectSettings.from_dict({"defaults": {"ema_alpha": 0.3},
+                                         "targets": {"hum": {"smoothing": "median"}, "alarm": {"on_threshold": 0.9}}})
+    got = {t.name: t.settings for t in settings.targets(labels, calibrated)}
+    assert (got["knock"].smoothing, got["knock"].ema_alpha, got["knock"].on_threshold) == ("ema", 1.0, 0.4)  # chosen from data
+    assert got["hum"].smoothing == "median" and got["hum"].on_threshold == 0.6  # the config's smoothing wins, the threshold is still the model's
+    assert got["alarm"].ema_alpha == 1.0 and got["alarm"].on_threshold == 0.9  # the config's threshold wins, the weight is still the model's
+    assert {t.name: t.settings.ema_alpha for t in settings.targets(labels, {"knock": (0.4, 0.28)})}["knock"] == 0.3  # none chosen: the config's
+
+
+def test_validation_picks_the_ema_weight_that_keeps_the_rate_with_the_better_recall():
+    from streamer.validation import EMA_CHOICES, pick_smoothing
+
+    shipped, none = EMA_CHOICES
+    def choice(alpha, recall, within=True):
+        return {"ema_alpha": alpha, "recall": recall, "within_target": within, "on_threshold": 0.5}
+
+    assert pick_smoothing([choice(shipped, 0.33), choice(none, 0.67)])["ema_alpha"] == none  # a short sound halved by the EMA
+    assert pick_smoothing([choice(shipped, 0.67), choice(none, 0.67)])["ema_alpha"] == shipped  # a tie: the shipped weight
+    assert pick_smoothing([choice(shipped, 0.33), choice(none, 1.0, within=False)])["ema_alpha"] == shipped  # over the rate loses
+
+
 def test_a_broken_thresholds_file_is_a_one_line_error(tmp_path, tiny_checkpoint):
     directory, _ = tiny_checkpoint(max_length=128, num_labels=3)
     labels = json.loads((directory / "config.json").read_text())["id2label"]
@@ -271,6 +314,14 @@ def test_a_broken_thresholds_file_is_a_one_line_error(tmp_path, tiny_checkpoint)
     assert shown.returncode == 0, shown.stderr
     rows = [line.split("\t") for line in shown.stdout.splitlines()]
     assert rows[1] == ["1", labels["1"], "on 0.600", "off 0.400"] and rows[0] == ["0", labels["0"]]
+    entry = {"on_threshold": 0.6, "off_threshold": 0.4, "ema_alpha": 1.0}
+    (directory / "thresholds.json").write_text(json.dumps({"labels": {labels["1"]: entry}}))
+    shown = run_cli("labels", str(directory))
+    assert shown.returncode == 0 and shown.stdout.splitlines()[1].split("\t") == ["1", labels["1"], "on 0.600", "off 0.400", "ema 1"]
+    for bad in (0, 1.5, "fast", True):
+        (directory / "thresholds.json").write_text(json.dumps({"labels": {labels["1"]: {**entry, "ema_alpha": bad}}}))
+        result = run_cli("labels", str(directory))
+        assert result.returncode == 1 and "ema_alpha must be in (0, 1]" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_train_refuses_an_empty_data_directory_and_counts_corrupt_clips(tmp_path):
