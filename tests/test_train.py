@@ -260,22 +260,6 @@ def test_calibrated_thresholds_are_defaults_the_config_still_wins_over():
     assert {t.name: t.settings.on_threshold for t in settings.targets(labels)}["knock"] == 0.5  # without: as before
 
 
-def test_bf16_autocast_only_where_the_cpu_has_bf16_units_unless_asked(tmp_path):
-    from streamer.inference.cpu import cpu_features
-    from streamer.train import use_bf16
-
-    def cpu(flags):
-        info = tmp_path / "cpuinfo"
-        info.write_text(f"model name\t: test\nflags\t\t: {flags}\n")
-        return cpu_features(info)
-
-    xeon, epyc = cpu("avx2 avx512f avx512_bf16 amx_bf16 amx_tile"), cpu("fpu sse avx fma avx2")
-    assert use_bf16(None, "cpu", xeon) and not use_bf16(None, "cpu", epyc)
-    assert not use_bf16(None, "cuda", xeon)  # the GPU trains in fp32 unless asked
-    assert use_bf16(True, "cpu", epyc) and not use_bf16(False, "cpu", xeon)  # an explicit choice wins
-    assert not use_bf16(None, "cpu", cpu_features(tmp_path / "no-such-cpuinfo"))
-
-
 def test_the_calibrated_ema_weight_is_the_smoothing_unless_the_config_sets_one():
     from streamer.events import DetectSettings
     from streamer.model.thresholds import Calibration
