@@ -9,7 +9,10 @@ minutes; the shipped figures are then measured with ``streamer train`` on the CP
 
     python bench/sweep_train.py RECIPES.json --seeds 0 1 2 --jobs 8 --device cuda --out results.json
 
-RECIPES.json: ``{"name": {"steps": 1200, "mixup": 0.3, ...}, ...}`` (TrainSettings fields).
+RECIPES.json: ``{"name": {"steps": 4000, "preset": "tiny", ...}, ...}`` (TrainSettings fields).
+``--variants VARIANTS.json`` (``{"name": {"THRESHOLD_MARGIN": 0.5}, ...}``: constants of
+:mod:`streamer.validation`) validates each trained model again under each variant and scores it
+on three scene orderings — a paired comparison of how thresholds are chosen, free of training noise.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def run(job: tuple[str, dict, int, str, str, str, int]) -> dict:
-    name, overrides, seed, data, background, device, threads = job
+def run(job: tuple[str, dict, int, str, str, str, int, dict]) -> dict:
+    name, overrides, seed, data, background, device, threads, variants = job
+    VALIDATION_VARIANTS.update(variants)
     import torch
 
     from eval_scenes import evaluate
@@ -43,6 +49,7 @@ def run(job: tuple[str, dict, int, str, str, str, int]) -> dict:
         try:
             report = train(Path(data), out, settings, progress=lambda m: None)
             scenes = evaluate(out, Path(data), None, seed=0)
+            variants = {v: _revalidate(out, Path(data), changes, seed) for v, changes in VALIDATION_VARIANTS.items()}
         except Exception as exc:  # one broken recipe must not lose the others' results
             return {"recipe": name, "seed": seed, "error": f"{type(exc).__name__}: {exc}"}
     return {"recipe": name, "seed": seed, "seconds": round(time.monotonic() - started, 1),
@@ -53,7 +60,38 @@ def run(job: tuple[str, dict, int, str, str, str, int]) -> dict:
             "scenes_false_per_min": scenes["false_events_per_minute_on_background"],
             "ambience_false_per_10_min": scenes.get("false_events_per_10_min_on_ambience"),
             "ambience_false": scenes.get("ambience_false_events"),
-            "missed": sorted(c["label"] for c in scenes["clips"] if c["detected_at"] is None)}
+            "missed": sorted(c["label"] for c in scenes["clips"] if c["detected_at"] is None), "variants": variants}
+
+
+VALIDATION_VARIANTS: dict[str, dict] = {}  # --variants: name -> {streamer.validation constant: value}
+
+
+def _revalidate(model: Path, data: Path, changes: dict, seed: int) -> dict:
+    """The same trained model, validated (thresholds re-chosen) with some of validation's constants changed."""
+    import numpy as np
+
+    from eval_scenes import evaluate
+    from streamer import validation
+    from streamer.model.thresholds import write_thresholds
+
+    saved = {k: getattr(validation, k) for k in changes}
+    try:
+        for k, v in changes.items():
+            setattr(validation, k, tuple(v) if isinstance(v, list) else v)
+        split = json.loads((model / "split.json").read_text())["validation"]
+        held = validation.HeldOut([(data / k / n, k) for k, v in split.items() if k not in ("background", "background_long") for n in v],
+                                  [data / "background" / n for n in split["background"]], [Path(p) for p in split["background_long"]])
+        labels = sorted(k for k in split if k not in ("background", "background_long"))
+        report, chosen = validation.validate(model, held, labels, seed=seed)
+        write_thresholds(model, {k: {key: v[key] for key in ("on_threshold", "off_threshold", "ema_alpha")} for k, v in chosen.items()})
+        runs = [evaluate(model, data, None, seed=s, ambience=s == 0) for s in range(3)]
+    finally:
+        for k, v in saved.items():
+            setattr(validation, k, v)
+    return {"clip_accuracy": report["clip_accuracy"], "stream_f1": report["stream"]["event_f1"],
+            "scenes_f1": float(np.mean([r["f1"] for r in runs])), "scenes_precision": float(np.mean([r["precision"] for r in runs])),
+            "scenes_recall": float(np.mean([r["recall"] for r in runs])),
+            "ambience_false_per_10_min": runs[0].get("false_events_per_10_min_on_ambience")}
 
 
 def main() -> None:
@@ -67,16 +105,18 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variants", type=Path, help="JSON {name: {validation constant: value}}: each model also validated so")
     args = parser.parse_args()
     recipes = json.loads(args.recipes.read_text())
     names = args.only or list(recipes)
-    jobs = [(n, recipes[n], s, args.data, args.background, args.device, args.threads) for s in args.seeds for n in names]
+    variants = json.loads(args.variants.read_text()) if args.variants else {}
+    jobs = [(n, recipes[n], s, args.data, args.background, args.device, args.threads, variants) for s in args.seeds for n in names]
     jobs.sort(key=lambda job: -job[1].get("steps", 1200))  # the longest first: the pool's tail is short ones
     results = []
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         for r in pool.imap_unordered(run, jobs):
             results.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k not in ("confusions", "ambience_false", "missed")}), flush=True)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("confusions", "ambience_false", "missed", "variants")}), flush=True)
             args.out.write_text(json.dumps(results, indent=1) + "\n")
     summary = {}
     for n in names:
@@ -89,6 +129,9 @@ def main() -> None:
     args.out.write_text(json.dumps({"summary": summary, "runs": results}, indent=1) + "\n")
     for n, s in sorted(summary.items(), key=lambda kv: -kv[1]["scenes_f1"]):
         print(f"{n:<24} " + "  ".join(f"{k} {v}" for k, v in s.items()))
+    for v in variants:  # paired: the same models, validated otherwise
+        rs = [r["variants"][v] for r in results if "variants" in r]
+        print(f"variant {v:<20} " + "  ".join(f"{k} {np.mean([r[k] for r in rs]):.3f}" for k in rs[0]))
 
 
 if __name__ == "__main__":
