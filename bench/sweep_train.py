@@ -34,7 +34,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def run(job: tuple[str, dict, int, str, str, str, int, dict]) -> dict:
     name, overrides, seed, data, background, device, threads, variants = job
-    VALIDATION_VARIANTS.update(variants)
     import torch
 
     from eval_scenes import evaluate
@@ -49,7 +48,7 @@ def run(job: tuple[str, dict, int, str, str, str, int, dict]) -> dict:
         try:
             report = train(Path(data), out, settings, progress=lambda m: None)
             scenes = evaluate(out, Path(data), None, seed=0)
-            variants = {v: _revalidate(out, Path(data), changes, seed) for v, changes in VALIDATION_VARIANTS.items()}
+            revalidated = {v: _revalidate(out, Path(data), changes, seed) for v, changes in variants.items()}
         except Exception as exc:  # one broken recipe must not lose the others' results
             return {"recipe": name, "seed": seed, "error": f"{type(exc).__name__}: {exc}"}
     return {"recipe": name, "seed": seed, "seconds": round(time.monotonic() - started, 1),
@@ -60,16 +59,11 @@ def run(job: tuple[str, dict, int, str, str, str, int, dict]) -> dict:
             "scenes_false_per_min": scenes["false_events_per_minute_on_background"],
             "ambience_false_per_10_min": scenes.get("false_events_per_10_min_on_ambience"),
             "ambience_false": scenes.get("ambience_false_events"),
-            "missed": sorted(c["label"] for c in scenes["clips"] if c["detected_at"] is None), "variants": variants}
-
-
-VALIDATION_VARIANTS: dict[str, dict] = {}  # --variants: name -> {streamer.validation constant: value}
+            "missed": sorted(c["label"] for c in scenes["clips"] if c["detected_at"] is None), "variants": revalidated}
 
 
 def _revalidate(model: Path, data: Path, changes: dict, seed: int) -> dict:
     """The same trained model, validated (thresholds re-chosen) with some of validation's constants changed."""
-    import numpy as np
-
     from eval_scenes import evaluate
     from streamer import validation
     from streamer.model.thresholds import write_thresholds

@@ -185,12 +185,14 @@ class DetectSettings:
 
     def _settings(self, name: str, calibrated: dict[str, tuple]) -> TargetSettings:
         override = self.overrides.get(name, {})
-        chosen = calibrated.get(name) if name not in self.groups else None
         base = self.defaults
-        if chosen is not None and not THRESHOLD_KEYS & set(override):
-            base = replace(base, on_threshold=chosen[0], off_threshold=chosen[1])
-        if chosen is not None and len(chosen) > 2 and chosen[2] is not None and not SMOOTHING_KEYS & set(override):
-            base = replace(base, smoothing="ema", ema_alpha=chosen[2])
+        if name in calibrated and name not in self.groups:
+            on, off, *rest = calibrated[name]  # a Calibration, or a plain (on, off) pair
+            alpha = rest[0] if rest else None
+            if not THRESHOLD_KEYS & set(override):
+                base = replace(base, on_threshold=on, off_threshold=off)
+            if alpha is not None and not SMOOTHING_KEYS & set(override):
+                base = replace(base, smoothing="ema", ema_alpha=alpha)
         settings = replace(base, **override)
         settings.check(f"detect.targets.{name}" if name in self.overrides else "detect.defaults")
         return settings

@@ -74,7 +74,7 @@ def validate(model_dir: Path, held: HeldOut, labels: list[str], max_false_per_ho
 
     ``labels``: the labels this training added (a ``--base`` model's own labels are not
     judged). Returns the report (written as validation.json) and ``{label: {on_threshold,
-    off_threshold, recall, false_events_per_hour}}`` (written as thresholds.json).
+    off_threshold, ema_alpha, recall, false_events_per_hour, …}}`` (written as thresholds.json).
     """
     engine = InferenceEngine(load_model(model_dir), device="cpu", precision="fp32", max_batch=BATCH)
     window = window_samples(engine.loaded.features.max_length)
@@ -205,7 +205,7 @@ def _choose(rows: list[tuple[float, float, float]], max_false_per_hour: float, m
     if not feasible:  # even the highest threshold fires on background too often
         t, recall, false = rows[-1]
         return {"on_threshold": t, "off_threshold": round(t * OFF_RATIO, 4), "recall": recall,
-                "false_events_per_hour": false, "within_target": False, "range": 0.0}
+                "false_events_per_hour": false, "within_target": False}
     best = max(r[1] for r in feasible)
     equal = [r[0] for r in feasible if r[1] == best]
     # recall 0 whatever the threshold (the verdict says so): the lowest that keeps the rate,
@@ -213,8 +213,7 @@ def _choose(rows: list[tuple[float, float, float]], max_false_per_hour: float, m
     target = equal[0] + (THRESHOLD_MARGIN * (equal[-1] - equal[0]) if best > 0 else 0.0)
     t, recall, false = min(feasible, key=lambda r: (r[1] != best, abs(r[0] - target)))
     return {"on_threshold": t, "off_threshold": round(t * OFF_RATIO, 4), "recall": recall,
-            "false_events_per_hour": false if measured else None, "within_target": measured,
-            "range": round(equal[-1] - equal[0], 4)}
+            "false_events_per_hour": false if measured else None, "within_target": measured}
 
 
 def _joined(paths: list[Path], out: Path, window: int) -> Path | None:

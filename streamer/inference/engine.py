@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from streamer.errors import StreamerError
+from streamer.inference import cpu
 from streamer.model.checkpoint import LoadedModel
 from streamer.model.fused import FusedForward
 from streamer.features.windows import Window
@@ -41,6 +42,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
            "onnx-int8-all": torch.float32}
 GPU_AUTO_PRECISION = "bf16"
 PER_WINDOW_PRECISIONS = ("int8", "onnx-int8", "onnx-int8-all")  # dynamic quantisation: scales depend on the whole batch
+CPU_ONLY_PRECISIONS = ("int8", *cpu.ONNX_PATHS)
 SPEED_RUNS = 2  # timed batches behind seconds_per_window (after a warm one)
 DEFAULT_MAX_BATCH = 8  # windows per forward pass on a CPU, unless configured
 GPU_MAX_BATCH = 128  # ... and on a GPU
@@ -156,15 +158,13 @@ class InferenceEngine:
                 precision = GPU_AUTO_PRECISION
                 log.info("precision auto: %s on %s", precision, self.device)
             else:
-                from streamer.inference import cpu
-
                 self.choice = cpu.choose(loaded, self.threads)
                 precision = self.choice.path
                 if self.choice.seconds_per_window > 0:  # measured (not a small model's shortcut)
                     self._speed[1] = self.choice.seconds_per_window
                 log.info(self.choice.log_line())
         self.precision = precision
-        if precision in ("int8", "onnx-fp32", "onnx-int8", "onnx-int8-all") and on_gpu:
+        if precision in CPU_ONLY_PRECISIONS and on_gpu:
             raise StreamerError(f"precision {precision} is for the CPU; on a GPU use bf16 or fp16 (or auto)")
         self.dtype = _DTYPES[precision]
         shape = (loaded.features.max_length, loaded.features.num_mel_bins)
@@ -172,9 +172,7 @@ class InferenceEngine:
 
         model = loaded.model.eval()  # the engine owns it from here on (no second copy in memory)
         onnx_forward = None
-        if precision in ("onnx-fp32", "onnx-int8", "onnx-int8-all"):
-            from streamer.inference import cpu
-
+        if precision in cpu.ONNX_PATHS:
             onnx_forward = self.choice.forward if self.choice and self.choice.forward else cpu.build_forward(precision, loaded, self.threads)
             # ONNX Runtime holds its own weights; ours would only take memory (the engine owns
             # the model, and only its config is used from here on: probabilities)
@@ -184,8 +182,6 @@ class InferenceEngine:
         else:
             model = model.to(device=self.device, dtype=self.dtype)
             if precision == "bf16" and not on_gpu:
-                from streamer.inference import cpu
-
                 if cpu.bf16_packing_supported():  # oneDNN's native bf16: weights reordered once, not every call
                     cpu.prepack_linears(model, torch.bfloat16)
         if self.choice is not None:
