@@ -72,14 +72,6 @@ BAND_LIMIT_HZ = (2500.0, 7000.0)  # range of the random low-pass cutoff
 BAND_LIMIT_ROLLOFF_HZ = 500.0  # its roll-off width
 LONG_BACKGROUND_S = 30.0  # a background file at least this long is a recording of the room: split by file, streamed whole
 NORMALISATION_EXAMPLES = 200
-# hard negatives: every HARD_EVERY_STEPS steps from HARD_FROM_STEP, HARD_POOL random background
-# examples are scored by the model being trained and the HARD_KEEP that score highest on any
-# label are kept; that share of the negatives is then drawn from them
-HARD_FROM_STEP = 500
-HARD_EVERY_STEPS = 250
-HARD_POOL = 768
-HARD_KEEP = 96
-HARD_SCORE_BATCH = 64
 
 
 @dataclass
@@ -106,8 +98,6 @@ class TrainSettings:
     max_false_per_hour: float = 1.0  # thresholds keep false events on held-out background under this
     ema: float = 0.998  # decay of the average of the weights that is saved (0: the last weights)
     negatives: float = NEGATIVE_FRACTION  # fraction of examples that are background alone
-    hard_negatives: float = 0.0  # of those, the share drawn from the background the model scores highest
-    spec_masks: int = 1  # SpecAugment masks per axis
     device: str = "cpu"  # where the model trains ("cuda" on a GPU box); validation always runs as the CPU daemon does
 
 
@@ -282,38 +272,15 @@ def features(waves: list[np.ndarray], feat: FeatureConfig) -> torch.Tensor:
     return (out - feat.mean) / (feat.std * 2)
 
 
-def spec_augment(x: torch.Tensor, rng: np.random.Generator, max_freq: int = 16, max_time: int = 16, masks: int = 1) -> torch.Tensor:
+def spec_augment(x: torch.Tensor, rng: np.random.Generator, max_freq: int = 16, max_time: int = 16) -> torch.Tensor:
     for i in range(x.shape[0]):
-        for _ in range(masks):
-            f = rng.integers(0, max_freq + 1)
-            f0 = rng.integers(0, x.shape[2] - f + 1)
-            x[i, :, f0:f0 + f] = 0.0
-            t = rng.integers(0, max_time + 1)
-            t0 = rng.integers(0, x.shape[1] - t + 1)
-            x[i, t0:t0 + t, :] = 0.0
+        f = rng.integers(0, max_freq + 1)
+        f0 = rng.integers(0, x.shape[2] - f + 1)
+        x[i, :, f0:f0 + f] = 0.0
+        t = rng.integers(0, max_time + 1)
+        t0 = rng.integers(0, x.shape[1] - t + 1)
+        x[i, t0:t0 + t, :] = 0.0
     return x
-
-
-def hardest_negatives(model: AudioSpectrogramTransformer, mixer: "Mixer", feat: FeatureConfig, offset: int,
-                      device: torch.device) -> list[np.ndarray]:
-    """The background examples, of ``HARD_POOL`` fresh ones, that the model scores highest on any new label.
-
-    Random crops of the room are mostly easy (silence, steady hum); the ones that sound like a
-    label (a clatter in the office, a laugh in the café) are rare, so a false alarm the
-    daemon would raise is seen only now and then. Scoring a pool with the model being trained
-    and training on its worst finds them: the same idea as hard-negative mining in detection.
-    """
-    pool = [mixer.example(None) for _ in range(HARD_POOL)]
-    was_training = model.training
-    model.eval()
-    scores = []
-    with torch.no_grad():
-        for i in range(0, len(pool), HARD_SCORE_BATCH):
-            logits = model(features(pool[i:i + HARD_SCORE_BATCH], feat).to(device))
-            scores.append(logits[:, offset:].max(dim=1).values.float().cpu())
-    model.train(was_training)
-    order = torch.cat(scores).argsort(descending=True)[:HARD_KEEP]
-    return [pool[int(i)] for i in order]
 
 
 def duration(seconds: float) -> str:
@@ -403,15 +370,12 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     progress(f"training {settings.steps} steps of {settings.batch} examples ({'--base, head only' if base else settings.preset + ' AST'}), "
              f"{threads} threads, {'bf16 autocast' if bf16 else 'fp32'}")
     started, step, loss_avg = time.monotonic(), 0, None
-    hard: list[np.ndarray] = []
     deadline = started + settings.minutes * 60 if settings.minutes else None
     while step < settings.steps:
         if deadline is not None and time.monotonic() >= deadline:
             progress(f"stopped by --minutes {settings.minutes:g} after {step} of {settings.steps} steps "
                      "(a time cap: another run may stop elsewhere)")
             break
-        if settings.hard_negatives > 0 and step >= HARD_FROM_STEP and (step - HARD_FROM_STEP) % HARD_EVERY_STEPS == 0:
-            hard = hardest_negatives(model, mixer, feat, offset, device)
         model.train()
         picks = rng.integers(0, len(train_data.clips), settings.batch)
         negative = rng.random(settings.batch) < settings.negatives
@@ -421,11 +385,9 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
                 clip, label, _ = train_data.clips[pick]
                 waves.append(mixer.example(clip))
                 target[row, offset + label] = 1.0
-            elif hard and rng.random() < settings.hard_negatives:
-                waves.append(hard[rng.integers(len(hard))])
             else:
                 waves.append(mixer.example(None))
-        x = spec_augment(features(waves, feat), rng, masks=settings.spec_masks).to(device)
+        x = spec_augment(features(waves, feat), rng).to(device)
         lr = settings.lr * min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
         for group in optimiser.param_groups:
             group["lr"] = lr
