@@ -53,7 +53,7 @@ def run(job: tuple[str, dict, int, str, str, str, int, dict]) -> dict:
             return {"recipe": name, "seed": seed, "error": f"{type(exc).__name__}: {exc}"}
     return {"recipe": name, "seed": seed, "seconds": round(time.monotonic() - started, 1),
             "train_s": report["seconds"], "clip_accuracy": report["clip_accuracy"], "top_label_accuracy": report["top_label_accuracy"],
-            "stream_f1": report["stream"]["event_f1"], "verdict": report["verdict"],
+            "stream_f1": report["stream"]["event_f1"], "verdict": report["verdict"], "stream_warning": report.get("stream_warning"),
             "confusions": report["confusions"],
             "scenes_f1": scenes["f1"], "scenes_precision": scenes["precision"], "scenes_recall": scenes["recall"],
             "scenes_false_per_min": scenes["false_events_per_minute_on_background"],

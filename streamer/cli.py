@@ -181,8 +181,9 @@ def model_labels(path_or_id: str) -> tuple[tuple[str, ...] | None, str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Exit 0 with a usable model; ``EXIT_UNUSABLE_MODEL`` when it was written but judged not
-    usable (clip accuracy under 0.6 or a label never recalled), with one line saying the fix."""
+    """Exit 0 with a usable model (a warning line for labels it never hears in a stream);
+    ``EXIT_UNUSABLE_MODEL`` when it was written but judged not usable (clip accuracy under 0.6
+    or a label none of whose held-out clips it recognises), with one line saying the fix."""
     from streamer.train import TrainSettings, train
 
     if args.minutes is not None and args.minutes <= 0:
@@ -207,6 +208,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if report["verdict"]:
         print(f"streamer: {report['verdict']}", file=sys.stderr)
         return EXIT_UNUSABLE_MODEL
+    if report["stream_warning"]:
+        print(f"streamer: {report['stream_warning']}", file=sys.stderr)
     return 0
 
 

@@ -292,9 +292,10 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     """Train, write the checkpoint, validate it as ``streamer detect`` would; the report.
 
     The report's ``verdict`` is None for a usable model, else the one line that says why
-    not and the fix (the CLI prints it and exits ``streamer.cli.EXIT_UNUSABLE_MODEL``).
+    not and the fix (the CLI prints it and exits ``streamer.cli.EXIT_UNUSABLE_MODEL``);
+    ``stream_warning`` is the one line for labels a usable model never hears in a stream.
     """
-    from streamer.validation import BACKGROUND, HeldOut, validate, verdict
+    from streamer.validation import BACKGROUND, HeldOut, stream_warning, validate, verdict
 
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -441,6 +442,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
                   threads=threads, bf16=bf16, seed=settings.seed, labels=new_labels, base=base,
                   preset=None if base else settings.preset, max_length=feat.max_length, skipped=skipped)
     report["verdict"] = verdict(report, step)
+    report["stream_warning"] = stream_warning(report)
     (out_dir / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
     make_readable(out_dir, created=first_new)
     return report

@@ -44,12 +44,17 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "model"
     long = ["--background", str(BACKGROUND_LONG)] if BACKGROUND_LONG.is_dir() else []
     result = run_cli("train", str(REAL_AUDIO), "--out", str(out), "--steps", TRAIN_STEPS, "--threads", "2", *long, timeout=3600)
-    # the shipped recipe on the shared clips is judged not usable today (some labels are never
-    # recalled in a stream: bench/README.md); the model is written either way and the tests
-    # below use it — what the verdict must look like is asserted here
+    # the model is written whatever the verdict and the tests below use it; what the verdict
+    # and the stream warning must look like is asserted here (on the shared clips the shipped
+    # recipe is usable, with a warning for labels the held-out ambience drowns out: bench/README.md)
     assert result.returncode in (0, EXIT_UNUSABLE_MODEL), result.stdout + result.stderr
     verdicts = [line for line in result.stderr.splitlines() if "model NOT usable" in line]
     assert len(verdicts) == (result.returncode == EXIT_UNUSABLE_MODEL), result.stderr
+    report = json.loads((out / "validation.json").read_text())
+    deaf = [k for k, v in report["per_label"].items() if v["recall"] > 0 and v["stream_recall"] == 0]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("streamer: warning: never heard in a stream")]
+    assert len(warnings) == bool(deaf and not verdicts), result.stderr
+    assert all(label in warnings[0] for label in deaf) if warnings else True
     assert "clip accuracy" in result.stdout and (out / "model.safetensors").is_file()
     return out
 
@@ -388,17 +393,53 @@ def test_threshold_choice_keeps_false_events_under_the_target_with_the_best_reca
 
 
 def test_verdict_names_the_fix():
-    from streamer.validation import verdict
+    from streamer.validation import stream_warning, verdict
 
-    def report(accuracy: float, recalls: dict[str, float]) -> dict:
-        return {"clip_accuracy": accuracy, "stream": {"false_events_per_hour": 0.0},
-                "per_label": {k: {"recall": r, "stream_recall": r} for k, r in recalls.items()}}
+    def report(accuracy: float, recalls: dict[str, float], stream: dict[str, float] | None = None) -> dict:
+        return {"clip_accuracy": accuracy, "stream": {"false_events_per_hour": 0.0}, "max_false_events_per_hour": 1.0,
+                "per_label": {k: {"recall": r, "stream_recall": (stream or {}).get(k, r)} for k, r in recalls.items()}}
 
     assert verdict(report(0.95, {"a": 1.0, "b": 0.9, "c": 1.0}), 1200) is None
+    assert stream_warning(report(0.95, {"a": 1.0, "b": 0.9, "c": 1.0})) is None
     line = verdict(report(0.9, {"a": 1.0, "b": 0.0, "c": 1.0}), 1200)
     assert "recall 0 for b" in line and "more clips of b" in line and "\n" not in line
     line = verdict(report(0.2, {"a": 0.0, "b": 0.0, "c": 0.1}), 1200)
     assert "clip accuracy 0.20 < 0.60" in line and "--steps 2400" in line and "more clips" not in line
+
+
+def test_a_label_recognised_as_a_file_but_never_heard_in_the_stream_is_a_warning_naming_the_background():
+    """Not a verdict (the model is usable for the other labels; the held-out background holding the
+    same sound is the usual cause), but one line with the recordings that drown it out and the fix."""
+    from streamer.validation import stream_warning, verdict
+
+    report = {"clip_accuracy": 0.9, "stream": {"false_events_per_hour": 0.0}, "max_false_events_per_hour": 1.0,
+              "per_label": {"typing": {"recall": 1.0, "stream_recall": 0.0}, "knock": {"recall": 1.0, "stream_recall": 1.0},
+                            "drop": {"recall": 0.5, "stream_recall": 0.0}},
+              "thresholds": {"typing": {"masked_by": {"threshold": 0.4, "ema_alpha": 0.5, "recall": 1.0,
+                                                      "false_events": {"office.flac": 3, "rain.flac": 1}}}}}
+    assert verdict(report, 4000) is None
+    line = stream_warning(report)
+    assert line.startswith("warning: never heard in a stream at <= 1 false events per hour: ") and "\n" not in line
+    assert "typing (held-out background sounds like it: at threshold 0.4 it hears 100% of the clips but fires on office.flac (3), rain.flac (1))" in line
+    assert "drop (not even at the lowest threshold)" in line and "knock" not in line
+    assert "take those recordings out of the background if they really hold typing" in line and "more clips of drop" in line
+
+
+def test_thresholds_above_the_grid_only_for_a_label_that_fires_at_every_threshold_of_it():
+    from streamer.validation import LAST_RESORT_THRESHOLDS, THRESHOLD_GRID, choose_label
+
+    top = max(THRESHOLD_GRID)
+    # fires on the background up to 0.97 (birds as a phone ringing): 0.97 keeps the rate, and is said to
+    birds = choose_label(lambda alpha, t: (t, 1.0 if t < 0.98 else 0.0, 0.0 if t >= 0.97 else 9.0), 1.0, measured=True)
+    assert birds["on_threshold"] == 0.97 and birds["within_target"] and birds["recall"] == 1.0
+    # keeps the rate from 0.5: never above the grid, even where recall there would be better
+    easy = choose_label(lambda alpha, t: (t, 1.0 if t > top else 0.5, 0.0 if t >= 0.5 else 9.0), 1.0, measured=True)
+    assert easy["within_target"] and 0.5 <= easy["on_threshold"] <= top and easy["recall"] == 0.5
+    # not even 0.99 keeps it: the highest, flagged (the verdict asks for more background)
+    hopeless = choose_label(lambda alpha, t: (t, 0.5, 9.0), 1.0, measured=True)
+    assert hopeless["on_threshold"] == LAST_RESORT_THRESHOLDS[-1] and not hopeless["within_target"]
+    # nothing measured (no background): the grid alone
+    assert choose_label(lambda alpha, t: (t, 1.0, 0.0), 1.0, measured=False)["on_threshold"] <= top
 
 
 def test_long_background_is_split_by_file_and_streamed_whole_in_validation(tmp_path):
