@@ -369,7 +369,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0 if base else 0.05)
     average = [p.detach().clone() for p in params] if settings.ema > 0 else None
     progress(f"training {settings.steps} steps of {settings.batch} examples ({'--base, head only' if base else settings.preset + ' AST'}), "
-             f"{threads} threads, {'bf16 autocast' if bf16 else 'fp32'}")
+             f"{threads} threads, {'bf16 autocast' if bf16 else 'fp32'}" + (f", on {device} (not bit-reproducible)" if device.type != "cpu" else ""))
     started, step, loss_avg = time.monotonic(), 0, None
     deadline = started + settings.minutes * 60 if settings.minutes else None
     while step < settings.steps:

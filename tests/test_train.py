@@ -110,6 +110,30 @@ def test_train_refuses_a_bad_data_directory(tmp_path):
     assert result.returncode != 0 and "not a directory" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("device, why", [("tpu", "unknown device"), ("mps", "not supported"), ("cuda:7", "CUDA GPU")])
+def test_train_refuses_a_device_this_machine_lacks_in_one_line(tmp_path, device, why):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0})
+    result = run_cli("train", str(data), "--out", str(tmp_path / "m"), "--device", device, "--steps", "1")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and why in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "m").exists()  # refused before anything was written
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_on_a_gpu_writes_a_model_validated_on_the_cpu(tmp_path):
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0, "chirp": 2000.0})  # as the good model of the verdict test
+    out = tmp_path / "m"
+    result = run_cli("train", str(data), "--out", str(out), "--device", "cuda", "--steps", "800", "--preset", "tiny", "--batch", "16",
+                     timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "on cuda:0 (not bit-reproducible)" in result.stdout
+    report = json.loads((out / "validation.json").read_text())
+    assert report["clip_accuracy"] >= 0.9 and (out / "thresholds.json").is_file()
+
+
 def held_out_clip(trained, label: str) -> np.ndarray:
     split = json.loads((trained / "split.json").read_text())["validation"]
     return read_audio(REAL_AUDIO / label / split[label][0])
