@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-false-per-hour", type=float, default=1.0, metavar="N",
                     help="thresholds keep false events on held-out background at or under this (default 1)")
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--hop", type=_hop, default=100, metavar="SECONDS",
+                    help="the hop the thresholds are chosen for: the one your config runs at (default 1)")
     tr.add_argument("--threads", type=_positive_int, help="CPU threads (default: every core)")
     tr.add_argument("--device", default="cpu", metavar="DEVICE",
                     help="cpu (default: the same data, seed and steps give the same weights) or cuda[:N] "
@@ -199,7 +201,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise StreamerError(f"--max-false-per-hour must not be negative, got {args.max_false_per_hour}")
     settings = TrainSettings(preset=args.preset, max_length=args.max_length, minutes=args.minutes, seed=args.seed,
                              threads=args.threads, steps=args.steps, batch=args.batch, lr=args.lr, long_background=tuple(args.background),
-                             max_false_per_hour=args.max_false_per_hour, device=str(device))
+                             max_false_per_hour=args.max_false_per_hour, device=str(device), hop_s=args.hop / 100)
     report = train(args.data, args.out, settings, base=args.base, progress=lambda m: print(m, flush=True))
     stream = report["stream"]
     false = "not measured (no background)" if stream["false_events_per_hour"] is None else f"{stream['false_events_per_hour']:.1f}"
@@ -297,6 +299,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from streamer.events import DetectSettings
     from streamer.inference.engine import InferenceEngine
     from streamer.model import load_model
+    from streamer.model.thresholds import hop_mismatch
     from streamer.constants import SAMPLE_RATE_HZ
 
     for out in (args.scores_out, args.events_out):
@@ -309,6 +312,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     settings = load_detect_settings(args.config) if args.config else DetectSettings()
     targets = settings.targets(labels, engine.loaded.thresholds) if args.events_out else []
+    if targets and (line := hop_mismatch(str(args.model), engine.loaded.thresholds_hop_s, args.hop / 100)):
+        log.warning(line)
 
     def show(index: int, start_sample: int, row) -> None:
         top = ", ".join(f"{name} {p:.2f}" for name, p in top_labels(row, labels, args.top_k))
@@ -354,7 +359,8 @@ def cmd_labels(args: argparse.Namespace) -> int:
         if needle in name.casefold():
             chosen = loaded.thresholds.get(name)
             shown = "" if chosen is None else f"\ton {chosen.on_threshold:.3f}\toff {chosen.off_threshold:.3f}" + (
-                "" if chosen.ema_alpha is None else f"\tema {chosen.ema_alpha:g}")
+                "" if chosen.ema_alpha is None else f"\tema {chosen.ema_alpha:g}") + (
+                "" if loaded.thresholds_hop_s is None else f"\tat hop {loaded.thresholds_hop_s:g} s")
             print(f"{index}\t{name}{shown}")
     return 0
 

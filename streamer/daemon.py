@@ -26,6 +26,7 @@ from streamer.detect import hop_to_frames
 from streamer.events import Event
 from streamer.inference.engine import InferenceEngine
 from streamer.model import load_model
+from streamer.model.thresholds import hop_mismatch
 from streamer.pipeline import Pipeline
 from streamer.settings import Config, ConfigError, load_config
 from streamer.sinks.base import Level, SinkHub, SourceStatus
@@ -272,6 +273,8 @@ class Daemon:
         if line := capacity.hop_warning(spw, n, hop, self.engine.max_batch, path=self.engine.precision,
                                         model_gflop=self.engine.loaded.config.window_gflop(),
                                         auto_precision=cfg.model.precision == "auto"):
+            log.warning(line)
+        if self.thresholds and (line := hop_mismatch(str(cfg.model.path), self.engine.loaded.thresholds_hop_s, hop)):
             log.warning(line)
         return hop
 

@@ -99,6 +99,7 @@ class TrainSettings:
     ema: float = 0.998  # decay of the average of the weights that is saved (0: the last weights)
     negatives: float = NEGATIVE_FRACTION  # fraction of examples that are background alone
     device: str = "cpu"  # where the model trains ("cuda" on a GPU box); validation always runs as the CPU daemon does
+    hop_s: float = 1.0  # the hop thresholds are chosen for: the daemon's (and detect's) default
 
 
 @dataclass
@@ -430,12 +431,12 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
 
     progress(f"validating {len(held.clips)} held-out clips and {duration(val_bg_s)} of background through `streamer detect`'s path")
     started_val = time.monotonic()
-    report, chosen = validate(out_dir, held, new_labels, settings.max_false_per_hour, seed=settings.seed)
+    report, chosen = validate(out_dir, held, new_labels, settings.max_false_per_hour, hop_s=settings.hop_s, seed=settings.seed)
     write_thresholds(out_dir, {k: {key: v[key] for key in ("on_threshold", "off_threshold", "ema_alpha", "recall", "false_events_per_hour")}
                                for k, v in chosen.items()},
                      chosen_for=f"at most {settings.max_false_per_hour:g} false events per hour on held-out background, "
                                 f"best recall of held-out clips in a stream (hop {report['hop_s']:g} s, the shipped smoothing with the EMA weight chosen too)",
-                     background_s=report["stream"]["background_s"])
+                     background_s=report["stream"]["background_s"], hop_s=report["hop_s"])
     report["thresholds"] = chosen
     report.update(steps=step, steps_planned=settings.steps, seconds=round(train_s, 1),
                   validation_seconds=round(time.monotonic() - started_val, 1), steps_per_s=round(step / train_s, 3) if train_s else None,

@@ -283,3 +283,17 @@ def test_two_daemons_share_one_broker(tmp_path, tiny_checkpoint, broker, scene):
             except subprocess.TimeoutExpired:
                 p.kill()
         sub.close()
+
+
+@pytest.mark.slow  # over 8 s on 2 cores: CI runs it, the fast lane does not
+def test_daemon_warns_once_when_the_models_thresholds_were_chosen_at_another_hop(tmp_path, tiny_checkpoint):
+    directory, hf = tiny_checkpoint(max_length=128, num_labels=3)
+    entry = {"on_threshold": 0.6, "off_threshold": 0.4}
+    (directory / "thresholds.json").write_text(json.dumps({"hop_s": 1.0, "labels": {hf.config.id2label[1]: entry}}))
+    audio = write_wav(tmp_path / "noise.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 3).astype(np.float32))
+    config = write_config(tmp_path / "streamer.yaml", directory, audio)  # hop 0.25 s
+    result = subprocess.run([sys.executable, "-m", "streamer", "run", "--config", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "thresholds were chosen at hop 1 s but this runs at hop 0.25 s" in line]
+    assert len(lines) == 1 and "train with --hop 0.25" in lines[0], result.stderr

@@ -337,6 +337,43 @@ def test_a_broken_thresholds_file_is_a_one_line_error(tmp_path, tiny_checkpoint)
         assert result.returncode == 1 and "ema_alpha must be in (0, 1]" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_thresholds_say_the_hop_they_were_chosen_at_and_another_hop_is_warned_about(tmp_path, tiny_checkpoint):
+    """Chosen at hop 1 s and used at 0.5 s, the calibrated thresholds no longer give the false
+    events and recall that training measured: `labels` shows the hop, `detect` (and the daemon)
+    say so in one warning line with the fix; the same hop says nothing."""
+    from streamer.model.thresholds import hop_mismatch
+
+    directory, _ = tiny_checkpoint(max_length=128, num_labels=3)
+    labels = json.loads((directory / "config.json").read_text())["id2label"]
+    entry = {"on_threshold": 0.6, "off_threshold": 0.4, "ema_alpha": 1.0}
+    (directory / "thresholds.json").write_text(json.dumps({"hop_s": 1.0, "labels": {labels["1"]: entry}}))
+    shown = run_cli("labels", str(directory))
+    assert shown.returncode == 0 and shown.stdout.splitlines()[1].split("\t")[-1] == "at hop 1 s", shown.stderr
+    clip = write_wav(tmp_path / "clip.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 3).astype(np.float32))
+    for hop, warned in (("0.5", True), ("1", False)):
+        result = run_cli("detect", str(clip), "--model", str(directory), "--hop", hop, "--events-out", str(tmp_path / f"ev{hop}.jsonl"))
+        assert result.returncode == 0, result.stderr
+        lines = [line for line in result.stderr.splitlines() if "thresholds were chosen at hop" in line]
+        assert len(lines) == warned and (not warned or "train with --hop 0.5" in lines[0]), result.stderr
+    assert hop_mismatch("m", 1.0, 1.004) is None and hop_mismatch("m", None, 0.5) is None  # same hop; not recorded (older models)
+    for bad in (0, -1, "fast", True):
+        (directory / "thresholds.json").write_text(json.dumps({"hop_s": bad, "labels": {labels["1"]: entry}}))
+        result = run_cli("labels", str(directory))
+        assert result.returncode == 1 and "hop_s must be a positive number" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_train_chooses_thresholds_at_the_hop_asked_for(tmp_path):
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0})
+    for hop in ("1", "0.5"):
+        out = tmp_path / f"m{hop}"
+        result = run_cli("train", str(data), "--out", str(out), "--steps", "1", "--preset", "tiny", "--batch", "4", "--hop", hop)
+        assert result.returncode in (0, EXIT_UNUSABLE_MODEL), result.stderr
+        assert json.loads((out / "thresholds.json").read_text())["hop_s"] == float(hop)
+        assert json.loads((out / "validation.json").read_text())["hop_s"] == float(hop)
+    result = run_cli("train", str(data), "--out", str(tmp_path / "bad"), "--hop", "0.005")
+    assert result.returncode == 2 and "--hop" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_train_refuses_an_empty_data_directory_and_counts_corrupt_clips(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli("train", str(tmp_path / "empty"), "--out", str(tmp_path / "m"))

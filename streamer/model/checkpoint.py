@@ -105,6 +105,7 @@ class LoadedModel:
     source: str
     # per-label thresholds (and EMA weight) chosen by `streamer train` (thresholds.json), if any
     thresholds: dict[str, Calibration] = field(default_factory=dict)
+    thresholds_hop_s: float | None = None  # the hop they were chosen at (None: not recorded)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -265,10 +266,10 @@ def load_model(path_or_id: str | Path, device: str | torch.device = "cpu") -> Lo
         directory, config.num_hidden_layers, config.hidden_size, config.max_length, config.num_labels,
         "multi-label" if config.multi_label else "single-label",
     )
-    from streamer.model.thresholds import read_thresholds
+    from streamer.model.thresholds import read_thresholds, read_thresholds_hop
 
     return LoadedModel(model=model, config=config, features=features, source=str(directory),
-                       thresholds=read_thresholds(directory, config.labels))
+                       thresholds=read_thresholds(directory, config.labels), thresholds_hop_s=read_thresholds_hop(directory))
 
 
 def save_checkpoint(loaded: LoadedModel, directory: Path) -> None:

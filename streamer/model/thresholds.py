@@ -20,6 +20,7 @@ from streamer.errors import CheckpointError
 from streamer.model.config import read_json
 
 THRESHOLDS_FILE = "thresholds.json"
+HOP_TOLERANCE_S = 0.005  # hops are whole 10 ms frames: closer than half a frame is the same hop
 
 
 class Calibration(NamedTuple):
@@ -57,6 +58,34 @@ def read_thresholds(directory: Path, labels: tuple[str, ...]) -> dict[str, Calib
             raise CheckpointError(f"{path}: {label}: ema_alpha must be in (0, 1], got {alpha!r}")
         out[label] = Calibration(float(on), float(off), None if alpha is None else float(alpha))
     return out
+
+
+def read_thresholds_hop(directory: Path) -> float | None:
+    """The hop (s) the thresholds in ``directory`` were chosen at; None without a file, or for
+    one written before the hop was recorded. A hop that is not a positive number is an error."""
+    path = directory / THRESHOLDS_FILE
+    if not path.is_file():
+        return None
+    hop = read_json(path).get("hop_s")
+    if hop is None:
+        return None
+    if not (isinstance(hop, (int, float)) and not isinstance(hop, bool) and math.isfinite(hop) and hop > 0):
+        raise CheckpointError(f"{path}: hop_s must be a positive number of seconds, got {hop!r}")
+    return float(hop)
+
+
+def hop_mismatch(model: str, chosen_at_s: float | None, hop_s: float) -> str | None:
+    """One warning line when thresholds chosen at one hop are used at another; else None.
+
+    At another hop a sound is heard by another number of windows and the background by
+    another number an hour, so the smoother's calibrated thresholds no longer give the false
+    events and recall that ``streamer train`` measured (short sounds suffer most).
+    """
+    if chosen_at_s is None or abs(chosen_at_s - hop_s) < HOP_TOLERANCE_S:
+        return None
+    return (f"{model}: its thresholds were chosen at hop {chosen_at_s:g} s but this runs at hop {hop_s:g} s, so its false events "
+            f"per hour and recall will differ from what training measured; fix: train with --hop {hop_s:g}, run at hop "
+            f"{chosen_at_s:g}, or set the thresholds under detect.targets")
 
 
 def write_thresholds(directory: Path, thresholds: dict[str, dict[str, Any]], **about: Any) -> Path:
