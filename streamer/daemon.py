@@ -266,7 +266,10 @@ class Daemon:
         if not cfg.sources:
             return cfg.hop
         spw = self.engine.seconds_per_window(min(n, self.engine.max_batch))
-        hop = capacity.auto_hop(spw, n, self.engine.max_batch) if cfg.hop_auto else cfg.hop
+        # a model's thresholds hold at the hop they were chosen at: auto goes no faster than that
+        calibrated = self.engine.loaded.thresholds_hop_s if self.thresholds else None
+        minimum = max(capacity.AUTO_HOP_MIN_S, calibrated or 0.0)
+        hop = capacity.auto_hop(spw, n, self.engine.max_batch, minimum=minimum) if cfg.hop_auto else cfg.hop
         if cfg.hop_auto:
             log.info("hop auto: %.2f s (%d stream(s) × %.3f s per window on %s, 30%% headroom)",
                      hop, n, spw, self.engine.precision)
@@ -274,7 +277,7 @@ class Daemon:
                                         model_gflop=self.engine.loaded.config.window_gflop(),
                                         auto_precision=cfg.model.precision == "auto"):
             log.warning(line)
-        if self.thresholds and (line := hop_mismatch(str(cfg.model.path), self.engine.loaded.thresholds_hop_s, hop)):
+        if self.thresholds and (line := hop_mismatch(str(cfg.model.path), calibrated, hop)):
             log.warning(line)
         return hop
 

@@ -91,7 +91,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sources: tuple[SourceConfig, ...] = ()
     hop: float = 1.0  # with hop_auto, a placeholder until the engine's measured speed sets it
-    hop_auto: bool = False  # `hop: auto`: the smallest hop >= 0.5 s the box sustains (streamer.inference.capacity)
+    hop_auto: bool = False  # `hop: auto`: the smallest hop >= 0.5 s (and >= a trained model's calibration hop) the box sustains
     ring_seconds: float = 30.0
     detect: DetectSettings = field(default_factory=DetectSettings)
     mqtt: MqttSettings | None = None

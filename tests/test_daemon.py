@@ -297,3 +297,10 @@ def test_daemon_warns_once_when_the_models_thresholds_were_chosen_at_another_hop
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if "thresholds were chosen at hop 1 s but this runs at hop 0.25 s" in line]
     assert len(lines) == 1 and "train with --hop 0.25" in lines[0], result.stderr
+    # hop: auto goes no faster than the hop the thresholds were chosen at (this box could do 0.5 s)
+    raw = json.loads(config.read_text())
+    config.write_text(json.dumps({**raw, "hop": "auto", "logging": {"level": "info"}}))
+    result = subprocess.run([sys.executable, "-m", "streamer", "run", "--config", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "hop auto: 1.00 s" in result.stderr and "thresholds were chosen at hop" not in result.stderr, result.stderr
