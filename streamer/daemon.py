@@ -109,6 +109,7 @@ class Daemon:
         self.metrics = Metrics() if cfg.metrics else None
         self.clips = ClipWriter(cfg.clips) if cfg.clips else None
         targets = cfg.detect.targets(self.labels, self.thresholds)
+        self.calibrated_targets = cfg.detect.calibrated_targets(self.labels, self.thresholds)
         # Events go to the journal (on its own sink thread); the MQTT sender delivers
         # from it (what an earlier run left pending first). No MQTT: nothing would ever deliver
         # from a journal, so there is none.
@@ -267,7 +268,8 @@ class Daemon:
             return cfg.hop
         spw = self.engine.seconds_per_window(min(n, self.engine.max_batch))
         # a model's thresholds hold at the hop they were chosen at: auto goes no faster than that
-        calibrated = self.engine.loaded.thresholds_hop_s if self.thresholds else None
+        # (where the config leaves some target to them)
+        calibrated = self.engine.loaded.thresholds_hop_s if self.calibrated_targets else None
         minimum = max(capacity.AUTO_HOP_MIN_S, calibrated or 0.0)
         hop = capacity.auto_hop(spw, n, self.engine.max_batch, minimum=minimum) if cfg.hop_auto else cfg.hop
         if cfg.hop_auto:
@@ -277,7 +279,7 @@ class Daemon:
                                         model_gflop=self.engine.loaded.config.window_gflop(),
                                         auto_precision=cfg.model.precision == "auto"):
             log.warning(line)
-        if self.thresholds and (line := hop_mismatch(str(cfg.model.path), calibrated, hop)):
+        if line := hop_mismatch(str(cfg.model.path), calibrated, hop):
             log.warning(line)
         return hop
 

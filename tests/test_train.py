@@ -355,6 +355,12 @@ def test_thresholds_say_the_hop_they_were_chosen_at_and_another_hop_is_warned_ab
         assert result.returncode == 0, result.stderr
         lines = [line for line in result.stderr.splitlines() if "thresholds were chosen at hop" in line]
         assert len(lines) == warned and (not warned or "train with --hop 0.5" in lines[0]), result.stderr
+    # the config sets that target's thresholds itself: nothing calibrated is used, nothing to warn about
+    own = tmp_path / "own.yaml"
+    own.write_text(json.dumps({"detect": {"targets": {labels["1"]: {"on_threshold": 0.5, "off_threshold": 0.3}}}}))
+    result = run_cli("detect", str(clip), "--model", str(directory), "--hop", "0.5", "--events-out", str(tmp_path / "own.jsonl"),
+                     "--config", str(own))
+    assert result.returncode == 0 and "thresholds were chosen at hop" not in result.stderr, result.stderr
     assert hop_mismatch("m", 1.0, 1.004) is None and hop_mismatch("m", None, 0.5) is None  # same hop; not recorded (older models)
     for bad in (0, -1, "fast", True):
         (directory / "thresholds.json").write_text(json.dumps({"hop_s": bad, "labels": {labels["1"]: entry}}))

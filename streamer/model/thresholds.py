@@ -85,7 +85,7 @@ def hop_mismatch(model: str, chosen_at_s: float | None, hop_s: float) -> str | N
         return None
     return (f"{model}: its thresholds were chosen at hop {chosen_at_s:g} s but this runs at hop {hop_s:g} s, so its false events "
             f"per hour and recall will differ from what training measured; fix: train with --hop {hop_s:g}, run at hop "
-            f"{chosen_at_s:g}, or set the thresholds under detect.targets")
+            f"{chosen_at_s:g}, or set those targets' thresholds under detect.targets")
 
 
 def write_thresholds(directory: Path, thresholds: dict[str, dict[str, Any]], **about: Any) -> Path:
