@@ -312,7 +312,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     settings = load_detect_settings(args.config) if args.config else DetectSettings()
     targets = settings.targets(labels, engine.loaded.thresholds) if args.events_out else []
-    if args.events_out and settings.calibrated_targets(labels, engine.loaded.thresholds) and (
+    if settings.calibrated_targets(targets, engine.loaded.thresholds) and (
             line := hop_mismatch(str(args.model), engine.loaded.thresholds_hop_s, args.hop / 100)):
         log.warning(line)
 

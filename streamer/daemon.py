@@ -109,7 +109,7 @@ class Daemon:
         self.metrics = Metrics() if cfg.metrics else None
         self.clips = ClipWriter(cfg.clips) if cfg.clips else None
         targets = cfg.detect.targets(self.labels, self.thresholds)
-        self.calibrated_targets = cfg.detect.calibrated_targets(self.labels, self.thresholds)
+        self.calibrated_targets = cfg.detect.calibrated_targets(targets, self.thresholds)
         # Events go to the journal (on its own sink thread); the MQTT sender delivers
         # from it (what an earlier run left pending first). No MQTT: nothing would ever deliver
         # from a journal, so there is none.

@@ -183,11 +183,12 @@ class DetectSettings:
                 raise StreamerError(f"detect.targets.{name}: no such target (not a group, or an excluded/unknown label)")
         return out
 
-    def calibrated_targets(self, labels: tuple[str, ...], calibrated: dict[str, tuple] | None) -> list[str]:
-        """The targets whose thresholds come from ``calibrated`` (the config sets none for them):
-        the ones a calibration chosen at another hop would mislead."""
+    def calibrated_targets(self, targets: list[Target], calibrated: dict[str, tuple] | None) -> list[str]:
+        """Of ``targets`` (as :meth:`targets` built them), those whose thresholds come from
+        ``calibrated`` (the config sets none for them): the ones a calibration chosen at
+        another hop would mislead."""
         calibrated = calibrated or {}
-        return [t.name for t in self.targets(labels, calibrated)
+        return [t.name for t in targets
                 if t.name in calibrated and t.name not in self.groups and not THRESHOLD_KEYS & set(self.overrides.get(t.name, {}))]
 
     def _settings(self, name: str, calibrated: dict[str, tuple]) -> TargetSettings:

@@ -102,9 +102,11 @@ def validate(model_dir: Path, held: HeldOut, labels: list[str], max_false_per_ho
         scene_path = Path(tmp) / "validation_scene.wav"
         sf.write(scene_path, scene, SAMPLE_RATE_HZ, subtype="FLOAT")
         streams = [scene_path] + list(held.background_streams)
+        stream_names = ["the validation scene's background"] + [p.name for p in held.background_streams]  # for the warning
         short_bg = _joined(held.background_clips, Path(tmp) / "background_clips.wav", window)
         if short_bg is not None and held.background_streams:
             streams.append(short_bg)
+            stream_names.append("the short background clips")
         files = [p for p, _ in held.clips] + list(held.background_clips)
         results = score_files(files + streams, engine, hop_to_frames(hop_s))
     file_results, stream_results = results[:len(files)], results[len(files):]
@@ -117,13 +119,12 @@ def validate(model_dir: Path, held: HeldOut, labels: list[str], max_false_per_ho
     for key, ons in scene_ons.items():
         quiet_false[key], quiet_s = background_false_events([(t, key[0]) for t in ons], truth, collar_s, len(scene) / SAMPLE_RATE_HZ)
     hours = (background_s + quiet_s) / SECONDS_PER_HOUR
-    stream_names = ["the validation scene's background"] + [p.name for p in held.background_streams] + \
-        (["the short background clips"] if len(stream_results) > 1 + len(held.background_streams) else [])
+    events_of = {label: [e for e in truth if e.label == label] for label in labels}
 
     def row(label: str, alpha: float, t: float) -> tuple[float, float, float]:
         key = (label, alpha, t)
         false = len(quiet_false[key]) + sum(len(g[key]) for g in grid[1:])
-        events = [e for e in truth if e.label == label]
+        events = events_of[label]
         hit = sum(1 for e in events if any(abs(on - e.onset) <= collar_s for on in scene_ons[key]))
         return t, hit / len(events) if events else 0.0, false / hours if hours else 0.0
 

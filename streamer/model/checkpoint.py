@@ -266,10 +266,11 @@ def load_model(path_or_id: str | Path, device: str | torch.device = "cpu") -> Lo
         directory, config.num_hidden_layers, config.hidden_size, config.max_length, config.num_labels,
         "multi-label" if config.multi_label else "single-label",
     )
-    from streamer.model.thresholds import read_thresholds, read_thresholds_hop
+    from streamer.model.thresholds import read_thresholds
 
+    thresholds, thresholds_hop_s = read_thresholds(directory, config.labels)
     return LoadedModel(model=model, config=config, features=features, source=str(directory),
-                       thresholds=read_thresholds(directory, config.labels), thresholds_hop_s=read_thresholds_hop(directory))
+                       thresholds=thresholds, thresholds_hop_s=thresholds_hop_s)
 
 
 def save_checkpoint(loaded: LoadedModel, directory: Path) -> None:

@@ -31,19 +31,23 @@ class Calibration(NamedTuple):
     ema_alpha: float | None = None
 
 
-def read_thresholds(directory: Path, labels: tuple[str, ...]) -> dict[str, Calibration]:
-    """``{label: Calibration}`` from ``directory``'s thresholds.json, or {}.
+def read_thresholds(directory: Path, labels: tuple[str, ...]) -> tuple[dict[str, Calibration], float | None]:
+    """``{label: Calibration}`` from ``directory``'s thresholds.json (or {}), and the hop (s)
+    they were chosen at (None: no file, or one written before the hop was recorded).
 
     A file that is there but broken is an error (a model whose calibration silently
     vanished would fire at the wrong rate); labels the model does not have are refused.
     """
     path = directory / THRESHOLDS_FILE
     if not path.is_file():
-        return {}
+        return {}, None
     raw = read_json(path)
     entries = raw.get("labels") if isinstance(raw, dict) else None
     if not isinstance(entries, dict):
         raise CheckpointError(f"{path}: expected {{\"labels\": {{label: {{\"on_threshold\": …, \"off_threshold\": …}}}}}}")
+    hop = raw.get("hop_s")
+    if hop is not None and not (isinstance(hop, (int, float)) and not isinstance(hop, bool) and math.isfinite(hop) and hop > 0):
+        raise CheckpointError(f"{path}: hop_s must be a positive number of seconds, got {hop!r}")
     out: dict[str, Calibration] = {}
     for label, entry in entries.items():
         if label not in labels:
@@ -57,21 +61,7 @@ def read_thresholds(directory: Path, labels: tuple[str, ...]) -> dict[str, Calib
                                       and math.isfinite(alpha) and 0.0 < alpha <= 1.0):
             raise CheckpointError(f"{path}: {label}: ema_alpha must be in (0, 1], got {alpha!r}")
         out[label] = Calibration(float(on), float(off), None if alpha is None else float(alpha))
-    return out
-
-
-def read_thresholds_hop(directory: Path) -> float | None:
-    """The hop (s) the thresholds in ``directory`` were chosen at; None without a file, or for
-    one written before the hop was recorded. A hop that is not a positive number is an error."""
-    path = directory / THRESHOLDS_FILE
-    if not path.is_file():
-        return None
-    hop = read_json(path).get("hop_s")
-    if hop is None:
-        return None
-    if not (isinstance(hop, (int, float)) and not isinstance(hop, bool) and math.isfinite(hop) and hop > 0):
-        raise CheckpointError(f"{path}: hop_s must be a positive number of seconds, got {hop!r}")
-    return float(hop)
+    return out, None if hop is None else float(hop)
 
 
 def hop_mismatch(model: str, chosen_at_s: float | None, hop_s: float) -> str | None:
