@@ -9,7 +9,8 @@ minutes; the shipped figures are then measured with ``streamer train`` on the CP
 
     python bench/sweep_train.py RECIPES.json --seeds 0 1 2 --jobs 8 --device cuda --out results.json
 
-RECIPES.json: ``{"name": {"steps": 4000, "preset": "tiny", ...}, ...}`` (TrainSettings fields).
+RECIPES.json: ``{"name": {"steps": 4000, "preset": "tiny", ...}, ...}`` (TrainSettings fields; a key in
+capitals sets that constant of :mod:`streamer.train` for the run, e.g. ``"FILE_FRACTION": 0.5``).
 ``--variants VARIANTS.json`` (``{"name": {"THRESHOLD_MARGIN": 0.5}, ...}``: constants of
 :mod:`streamer.validation`) validates each trained model again under each variant and scores it
 on three scene orderings — a paired comparison of how thresholds are chosen, free of training noise.
@@ -37,10 +38,16 @@ def run(job: tuple[str, dict, int, str, str, str, int, dict]) -> dict:
     import torch
 
     from eval_scenes import evaluate
+    from streamer import train as train_module
     from streamer.train import TrainSettings, train
 
     torch.set_num_threads(threads)
-    settings = TrainSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()},
+    for k, v in overrides.items():  # constants of streamer.train: one process per job, so nothing carries over
+        if k.isupper():
+            if not hasattr(train_module, k):
+                return {"recipe": name, "seed": seed, "error": f"streamer.train has no constant {k}"}
+            setattr(train_module, k, tuple(v) if isinstance(v, list) else v)
+    settings = TrainSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if not k.isupper()},
                              seed=seed, threads=threads, device=device, long_background=(Path(background),))
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
@@ -107,7 +114,7 @@ def main() -> None:
     jobs = [(n, recipes[n], s, args.data, args.background, args.device, args.threads, variants) for s in args.seeds for n in names]
     jobs.sort(key=lambda job: -job[1].get("steps", 1200))  # the longest first: the pool's tail is short ones
     results = []
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
+    with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
         for r in pool.imap_unordered(run, jobs):
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k not in ("confusions", "ambience_false", "missed", "variants")}), flush=True)

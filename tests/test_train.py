@@ -221,7 +221,67 @@ def test_same_data_seed_and_steps_give_identical_weights_whatever_the_load(tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
 
 
+@pytest.mark.slow  # three tiny trainings and their validations (~20 s on 2 cores)
+def test_hard_negative_mining_keeps_the_weights_a_function_of_the_recipe(tmp_path, monkeypatch):
+    """Mining scores pools with the model being trained: the same seed still gives the same
+    weights bit for bit (the second run beside a CPU hog), and the mined examples are used."""
+    from safetensors.torch import load_file
+
+    from streamer import train as T
+
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0})
+    for name, value in {"HARD_FROM_STEP": 2, "HARD_EVERY_STEPS": 3, "HARD_POOL": 24, "HARD_KEEP": 4}.items():
+        monkeypatch.setattr(T, name, value)
+    mined = []
+    mine = T.hardest_negatives
+    monkeypatch.setattr(T, "hardest_negatives", lambda *args: mined.append(mine(*args)) or mined[-1])
+    settings = T.TrainSettings(preset="tiny", steps=8, batch=8, threads=2)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        outs = []
+        for run in range(2):
+            if run == 1:
+                hog.kill()
+            T.train(data, tmp_path / f"run{run}", settings, progress=lambda m: None)
+            outs.append(load_file(tmp_path / f"run{run}" / "model.safetensors"))
+    finally:
+        hog.kill()
+    assert len(mined) == 4 and all(len(m) == 4 for m in mined)  # at steps 2 and 5 of each run
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    monkeypatch.setattr(T, "HARD_NEGATIVE_SHARE", 0.0)
+    T.train(data, tmp_path / "plain", settings, progress=lambda m: None)
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    assert len(mined) == 4  # no mining without a share of hard negatives
+    assert not all(torch.equal(outs[0][k], plain[k]) for k in plain)  # the mined examples were trained on
+
+
 # -- the recipe's parts, fast ------------------------------------------------------------------------
+
+def test_hard_negatives_are_the_background_the_model_scores_highest(monkeypatch):
+    from streamer import train as T
+    from streamer.model.config import FeatureConfig
+
+    class Loudness(torch.nn.Module):  # one label, scored by how loud the window is
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(1, 2))[:, None]
+
+    for name, value in {"HARD_POOL": 40, "HARD_KEEP": 5, "HARD_SCORE_BATCH": 16}.items():
+        monkeypatch.setattr(T, name, value)
+    rng = np.random.default_rng(0)
+    room = np.concatenate([rng.normal(0, 1e-3, 16000 * 20), rng.normal(0, 0.3, 16000 * 20)]).astype(np.float32)
+    data = T.Dataset(["x"], [(np.zeros(8000, np.float32), 0, "c.wav")], [room])
+    feat = FeatureConfig(max_length=128, mean=-6.0, std=3.0)
+    mixer = T.Mixer(data, window_samples(128), T.TrainSettings(band_limit=0.0), rng)
+    drawn, example = [], mixer.example
+    monkeypatch.setattr(mixer, "example", lambda clip: drawn.append(example(clip)) or drawn[-1])
+    model = Loudness().train()
+    hard = T.hardest_negatives(model, mixer, feat, 0, torch.device("cpu"))
+    loudness = [float(T.features([w], feat).mean()) for w in drawn]
+    loudest = sorted(range(len(drawn)), key=lambda i: -loudness[i])[:5]
+    assert len(drawn) == 40 and [id(w) for w in hard] == [id(drawn[i]) for i in loudest]
+    assert model.training  # left in training mode, as it was
+
+
 
 def tone_data(root: Path, labels: dict[str, float], clips: int = 5, seconds: float = 0.5, background: int = 4) -> Path:
     """A data folder of clear tones (one frequency per label, shorter than the window) and noise."""
