@@ -142,6 +142,18 @@ def lan_server(tmp_path):
     sink.close()
 
 
+def test_closing_the_page_leaves_no_task_pending(tmp_path):
+    """A task still cancelling when the loop closes is destroyed pending: asyncio then prints
+    "Task was destroyed but it is pending!" on stderr at every stop of the daemon."""
+    import asyncio
+
+    sink = WebSink(WebSettings(enabled=True, port=free_port()), ("Dog",), status=lambda: {"sources": []},
+                   metrics=lambda: b"", healthy=lambda: True, clips_dir=tmp_path,
+                   history=HistoryStore(tmp_path / "h.sqlite3")).start()
+    sink.close()
+    assert sink._loop.is_closed() and not asyncio.all_tasks(sink._loop)
+
+
 def test_lan_binding_needs_the_token_and_gives_no_hint(lan_server, caplog):
     caplog.set_level(logging.DEBUG)
     port = lan_server.port
@@ -353,6 +365,7 @@ def stop_daemon(proc: subprocess.Popen) -> str:
     finally:
         proc.kill()
     assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Task was destroyed" not in err, err  # a clean stop
     return err
 
 

@@ -496,6 +496,7 @@ class WebSink:
         ticker = asyncio.ensure_future(self._tick())
         await self._stopping.wait()
         ticker.cancel()
+        await asyncio.gather(ticker, return_exceptions=True)  # let it finish cancelling: no task left pending at loop close
         for client in list(self._clients):
             self._offer(client, None)
         await self._runner.cleanup()
