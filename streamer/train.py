@@ -290,19 +290,20 @@ def features(waves: list[np.ndarray], feat: FeatureConfig) -> torch.Tensor:
     return (out - feat.mean) / (feat.std * 2)
 
 
-def spec_augment(x: torch.Tensor, rng: np.random.Generator, max_freq: int = SPEC_MASK_MEL_BINS,
-                 max_time: int = SPEC_MASK_FRAMES) -> torch.Tensor:
+def spec_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """One frequency and one time mask per example, up to ``SPEC_MASK_MEL_BINS`` / ``SPEC_MASK_FRAMES``
+    (read at call time, so a recipe that sets them, as bench/sweep_train.py does, takes effect)."""
     for i in range(x.shape[0]):
-        f = rng.integers(0, max_freq + 1)
+        f = rng.integers(0, SPEC_MASK_MEL_BINS + 1)
         f0 = rng.integers(0, x.shape[2] - f + 1)
         x[i, :, f0:f0 + f] = 0.0
-        t = rng.integers(0, max_time + 1)
+        t = rng.integers(0, SPEC_MASK_FRAMES + 1)
         t0 = rng.integers(0, x.shape[1] - t + 1)
         x[i, t0:t0 + t, :] = 0.0
     return x
 
 
-def hardest_negatives(model: AudioSpectrogramTransformer, mixer: "Mixer", feat: FeatureConfig, offset: int,
+def hardest_negatives(model: AudioSpectrogramTransformer, mixer: Mixer, feat: FeatureConfig, offset: int,
                       device: torch.device) -> list[np.ndarray]:
     """The background examples, of ``HARD_POOL`` fresh ones, that the model scores highest on any new label.
 
@@ -436,7 +437,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
                 waves.append(hard[rng.integers(len(hard))])
             else:
                 waves.append(mixer.example(None))
-        x = spec_augment(features(waves, feat), rng, SPEC_MASK_MEL_BINS, SPEC_MASK_FRAMES).to(device)
+        x = spec_augment(features(waves, feat), rng).to(device)
         lr = settings.lr * min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
         for group in optimiser.param_groups:
             group["lr"] = lr
