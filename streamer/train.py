@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ HARD_EVERY_STEPS = 250
 HARD_POOL = 768
 HARD_KEEP = 96
 HARD_SCORE_BATCH = 64
+MIN_CLIPS_PER_LABEL = 2  # one to train on, one held out
 
 
 @dataclass
@@ -365,6 +367,10 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     files = {k: v for k, v in files.items() if v}
     if not files:
         raise StreamerError(f"{data_dir}: no readable audio clips in its label folders")
+    lonely = sorted(k for k, v in files.items() if len(v) < MIN_CLIPS_PER_LABEL)
+    if lonely:  # nothing of it could be held out: its verdict would be a guess
+        raise StreamerError(f"{data_dir}: {', '.join(lonely[:3])}{' and more' if len(lonely) > 3 else ''}: only one usable clip; "
+                            f"at least {MIN_CLIPS_PER_LABEL} per label (one is held out to validate): add clips, or remove the folder")
     # DATA_DIR/background recordings as long as a room recording are streamed whole in validation too
     long_bg = [p for p in long_bg if p in audio] + [p for p in bg if p in audio and len(audio[p]) >= LONG_BACKGROUND_S * SAMPLE_RATE_HZ]
     bg = [p for p in bg if p in audio and p not in long_bg]
@@ -381,6 +387,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
              f"background {duration(train_bg_s)} for training, {duration(val_bg_s)} held out")
     if not train_data.clips:
         raise StreamerError(f"{data_dir}: too few clips to hold some out for validation (at least 2 per label)")
+    first_new = output_folder(out_dir)  # before hours of training, not after: a bad --out fails now
 
     if base:
         loaded = load_model(base)
@@ -470,12 +477,14 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
             for p, mean in zip(params, average):
                 p.copy_(mean)
     model.to("cpu").eval()
-    first_new = next((p for p in [*reversed(out_dir.absolute().parents), out_dir.absolute()] if not p.exists()), None)
-    save_checkpoint(LoadedModel(model, config, feat, str(out_dir)), out_dir)
-    (out_dir / "split.json").write_text(json.dumps({"validation": {
-        **{k: [p.name for p in v] for k, v in val_files.items() if not k.startswith("\0")},
-        BACKGROUND: [p.name for p in val_files["\0bg"]],
-        "background_long": [str(p) for p in val_files["\0long"]]}}, indent=2) + "\n")
+    try:
+        save_checkpoint(LoadedModel(model, config, feat, str(out_dir)), out_dir)
+        (out_dir / "split.json").write_text(json.dumps({"validation": {
+            **{k: [p.name for p in v] for k, v in val_files.items() if not k.startswith("\0")},
+            BACKGROUND: [p.name for p in val_files["\0bg"]],
+            "background_long": [str(p) for p in val_files["\0long"]]}}, indent=2) + "\n")
+    except OSError as exc:  # a disk that filled up during training
+        raise StreamerError(f"--out {out_dir}: cannot write the model ({exc.strerror or exc}); free space there, or give another --out") from None
 
     progress(f"validating {len(held.clips)} held-out clips and {duration(val_bg_s)} of background through `streamer detect`'s path")
     started_val = time.monotonic()
@@ -495,6 +504,25 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     (out_dir / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
     make_readable(out_dir, created=first_new)
     return report
+
+
+def output_folder(out_dir: Path) -> Path | None:
+    """Create ``out_dir`` (and its parents) and prove it writable; the first folder this created.
+
+    Called before training, so that a ``--out`` that is a file, or lies where this user cannot
+    write, is a one-line error at once instead of a lost model at the end.
+    """
+    out_dir = out_dir.absolute()
+    first_new = next((p for p in [*reversed(out_dir.parents), out_dir] if not p.exists()), None)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise StreamerError(f"--out {out_dir}: is a file, not a folder; give a folder for the model")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".streamer-write-test-"):
+            pass
+    except OSError as exc:
+        raise StreamerError(f"--out {out_dir}: cannot write there ({exc.strerror or exc}); give a folder you can write to") from None
+    return first_new
 
 
 def _init(model: AudioSpectrogramTransformer) -> None:

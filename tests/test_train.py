@@ -454,6 +454,32 @@ def test_train_refuses_an_empty_data_directory_and_counts_corrupt_clips(tmp_path
     assert "skipped 1 file(s)" in result.stdout and "broken.wav" in result.stdout
 
 
+def test_a_label_with_one_clip_is_refused_before_training_as_nothing_of_it_could_be_validated(tmp_path):
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0})
+    for extra in sorted((data / "beep").iterdir())[1:]:
+        extra.unlink()
+    (data / "beep" / "broken.wav").write_bytes(b"RIFF\x00\x00junk")  # two files, one usable
+    result = run_cli("train", str(data), "--out", str(tmp_path / "m"), "--steps", "1")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "beep" in lines[0] and "at least 2 per label" in lines[0], result.stderr
+    assert "hum" not in lines[0] and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/model", "read_only/model"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path, out):
+    """Not after the training it would have thrown away: a one-line error, and no step taken."""
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0})
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "read_only").mkdir(mode=0o555)
+    if os.access(tmp_path / "read_only", os.W_OK):  # root writes anywhere: make it a file's child instead
+        (tmp_path / "read_only").rmdir()
+        (tmp_path / "read_only").write_text("")
+    result = run_cli("train", str(data), "--out", str(tmp_path / out), "--steps", "1")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("streamer: error: --out"), result.stderr
+    assert "steps of" not in result.stdout and "Traceback" not in result.stderr  # no "training N steps of …" line
+
+
 def test_record_minutes_writes_as_it_reads(tmp_path):
     src = write_wav(tmp_path / "room.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 2).astype(np.float32))
     out = tmp_path / "background" / "room.wav"
