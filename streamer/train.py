@@ -49,9 +49,9 @@ from streamer.constants import SAMPLE_RATE_HZ
 from streamer.errors import StreamerError
 from streamer.features.fbank import log_mel, window_samples
 from streamer.model.ast import AudioSpectrogramTransformer
-from streamer.model.checkpoint import LoadedModel, load_model, save_checkpoint
+from streamer.model.checkpoint import PICKLE_FILE, LoadedModel, load_model, save_checkpoint
 from streamer.model.config import ASTConfig, FeatureConfig
-from streamer.model.thresholds import write_thresholds
+from streamer.model.thresholds import THRESHOLDS_FILE, write_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ HARD_POOL = 768
 HARD_KEEP = 96
 HARD_SCORE_BATCH = 64
 MIN_CLIPS_PER_LABEL = 2  # one to train on, one held out
+STALE_FILES = (THRESHOLDS_FILE, "validation.json", "split.json", PICKLE_FILE)  # replaced or made wrong by a new model
+SILENT_PEAK = 1e-4  # -80 dBFS: a label's clip whose loudest sample is under this holds no sound to learn
 
 
 @dataclass
@@ -359,6 +361,10 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
         long_bg += found
     skipped: list[str] = []
     audio = readable([p for paths in files.values() for p in paths] + bg + long_bg, skipped)
+    for path in [p for paths in files.values() for p in paths if p in audio]:
+        if float(np.abs(audio[path]).max()) < SILENT_PEAK:  # a label's clip must hold its sound (background may be quiet)
+            skipped.append(f"{path}: silent (peak under {20 * math.log10(SILENT_PEAK):.0f} dBFS): a clip of a label must hold the sound")
+            del audio[path]
     if skipped:
         progress(f"skipped {len(skipped)} file(s) that cannot be used: {skipped[0]}" + (" (and more: see --verbose)" if len(skipped) > 1 else ""))
         for why in skipped[1:]:
@@ -478,6 +484,8 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
                 p.copy_(mean)
     model.to("cpu").eval()
     try:
+        for stale in STALE_FILES:  # an earlier model's, in the same folder: its thresholds would be read with this one
+            (out_dir / stale).unlink(missing_ok=True)
         save_checkpoint(LoadedModel(model, config, feat, str(out_dir)), out_dir)
         (out_dir / "split.json").write_text(json.dumps({"validation": {
             **{k: [p.name for p in v] for k, v in val_files.items() if not k.startswith("\0")},

@@ -463,6 +463,20 @@ def test_a_label_with_one_clip_is_refused_before_training_as_nothing_of_it_could
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and len(lines) == 1 and "beep" in lines[0] and "at least 2 per label" in lines[0], result.stderr
     assert "hum" not in lines[0] and not (tmp_path / "m").exists()
+    sf.write(data / "beep" / "silence.wav", np.zeros(8000, dtype=np.float32), 16000)  # a second file, but no sound in it
+    result = run_cli("train", str(data), "--out", str(tmp_path / "m"), "--steps", "1")
+    assert result.returncode == 1 and "at least 2 per label" in result.stderr and "beep" in result.stderr, result.stderr
+    assert "skipped 2 file(s)" in result.stdout and not (tmp_path / "m").exists()
+
+
+def test_training_again_into_the_same_folder_replaces_the_earlier_models_files(tmp_path):
+    """Its thresholds.json named labels the new model lacks: validation refused to load it."""
+    out = tmp_path / "m"
+    first = run_cli("train", str(tone_data(tmp_path / "one", {"hum": 300.0, "beep": 900.0})), "--out", str(out), "--steps", "2")
+    assert first.returncode in (0, EXIT_UNUSABLE_MODEL) and "beep" in (out / "thresholds.json").read_text(), first.stderr
+    second = run_cli("train", str(tone_data(tmp_path / "two", {"hum": 300.0, "chirp": 2000.0})), "--out", str(out), "--steps", "2")
+    assert second.returncode in (0, EXIT_UNUSABLE_MODEL) and "error" not in second.stderr, second.stderr
+    assert "beep" not in (out / "thresholds.json").read_text() and "chirp" in (out / "split.json").read_text()
 
 
 @pytest.mark.parametrize("out", ["a_file", "a_file/model", "read_only/model"])
