@@ -16,6 +16,28 @@ import numpy as np
 from streamer.constants import SAMPLE_RATE_HZ
 
 
+ACTIVE_FRAME_SAMPLES = 800  # 50 ms frames for finding where in a clip the sound is
+ACTIVE_DB = 20.0  # a frame is part of the sound when within this of the clip's loudest frame
+
+
+def active_frames(clip: np.ndarray) -> np.ndarray:
+    """Indices of the clip's ``ACTIVE_FRAME_SAMPLES`` frames that hold its sound (within
+    ``ACTIVE_DB`` of its loudest frame); a clip shorter than one frame is one frame, 0."""
+    frames = len(clip) // ACTIVE_FRAME_SAMPLES
+    if frames == 0:
+        return np.zeros(1, dtype=np.int64)
+    energy = (clip[: frames * ACTIVE_FRAME_SAMPLES].reshape(frames, -1).astype(np.float64) ** 2).mean(axis=1)
+    level = 10 * np.log10(energy + 1e-12)
+    return np.flatnonzero(level >= level.max() - ACTIVE_DB)
+
+
+def sound_onset_s(clip: np.ndarray) -> float:
+    """Where in the clip its sound starts (s): its first active frame. A recording often
+    begins before the sound does (one crying-baby clip is quiet for its first 2.65 s), and
+    a detector that fires at the first cry is right, not 2.65 s late."""
+    return float(active_frames(clip)[0]) * ACTIVE_FRAME_SAMPLES / SAMPLE_RATE_HZ
+
+
 @dataclass(frozen=True)
 class TrueEvent:
     onset: float
@@ -25,7 +47,10 @@ class TrueEvent:
 
 def build_scene(clips: list[tuple[np.ndarray, str]], background: list[np.ndarray], gap_s: float = 9.0,
                 lead_s: float = 4.0, tail_s: float = 10.0, noise_level: float = 0.2, seed: int = 0) -> tuple[np.ndarray, list[TrueEvent]]:
-    """Clips ``gap_s`` apart after ``lead_s`` of background, ``tail_s`` of background at the end."""
+    """Clips ``gap_s`` apart after ``lead_s`` of background, ``tail_s`` of background at the end.
+
+    A true event starts where the clip's sound starts (:func:`sound_onset_s`), not where its
+    file does, and ends with the file."""
     rng = np.random.default_rng(seed)
     total = lead_s + sum(len(c) / SAMPLE_RATE_HZ + gap_s for c, _ in clips) + tail_s
     n = int(total * SAMPLE_RATE_HZ)
@@ -43,7 +68,7 @@ def build_scene(clips: list[tuple[np.ndarray, str]], background: list[np.ndarray
     for clip, label in clips:
         start = int(t * SAMPLE_RATE_HZ)
         bed[start:start + len(clip)] += clip
-        truth.append(TrueEvent(t, t + len(clip) / SAMPLE_RATE_HZ, label))
+        truth.append(TrueEvent(t + sound_onset_s(clip), t + len(clip) / SAMPLE_RATE_HZ, label))
         t += len(clip) / SAMPLE_RATE_HZ + gap_s
     return bed, truth
 

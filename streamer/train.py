@@ -52,6 +52,7 @@ from streamer.model.ast import AudioSpectrogramTransformer
 from streamer.model.checkpoint import PICKLE_FILE, LoadedModel, load_model, save_checkpoint
 from streamer.model.config import ASTConfig, FeatureConfig
 from streamer.model.thresholds import THRESHOLDS_FILE, write_thresholds
+from streamer.scenes import ACTIVE_FRAME_SAMPLES, active_frames
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ EDGE_FRACTION = 0.3  # of positives in a stream: the clip across the window's st
 EDGE_MIN_ENERGY = 0.5  # a clip cut by the window's edge keeps its label with this share of its energy inside
 EDGE_TRIES = 4
 FILE_NEGATIVE_MIN_S = 0.3  # shortest background piece scored as a file
-ACTIVE_FRAME_SAMPLES = 800  # 50 ms frames for finding where in a long clip the sound is
-ACTIVE_DB = 20.0  # a frame is part of the sound when within this of the clip's loudest frame
 BAND_LIMIT_HZ = (2500.0, 7000.0)  # range of the random low-pass cutoff
 BAND_LIMIT_ROLLOFF_HZ = 500.0  # its roll-off width
 LONG_BACKGROUND_S = 30.0  # a background file at least this long is a recording of the room: split by file, streamed whole
@@ -212,10 +211,7 @@ class Mixer:
         So the crop is placed around a random active frame (within ``ACTIVE_DB`` of the
         clip's loudest frame).
         """
-        frames = len(clip) // ACTIVE_FRAME_SAMPLES
-        energy = (clip[: frames * ACTIVE_FRAME_SAMPLES].reshape(frames, -1).astype(np.float64) ** 2).mean(axis=1)
-        level = 10 * np.log10(energy + 1e-12)
-        active = np.flatnonzero(level >= level.max() - ACTIVE_DB)
+        active = active_frames(clip)
         frame_start = int(active[self.rng.integers(len(active))]) * ACTIVE_FRAME_SAMPLES
         lo = max(0, frame_start + ACTIVE_FRAME_SAMPLES - self.span)
         hi = min(len(clip) - self.span, frame_start)

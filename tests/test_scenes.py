@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamer.scenes import TrueEvent, background_false_events, build_scene, event_metrics, missed, sed_eval_metrics
+from streamer.scenes import TrueEvent, background_false_events, build_scene, event_metrics, missed, sed_eval_metrics, sound_onset_s
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -37,3 +37,15 @@ def test_scene_truth_and_background_stretches():
     false, quiet_s = background_false_events([(1.0, "x"), (4.2, "x"), (20.0, "y")], truth, 1.0, duration)
     assert false == [(1.0, "x"), (20.0, "y")] and quiet_s == pytest.approx(duration - 2.5 - 2.5)
     assert missed([(4.2, "x"), (13.0, "x")], truth, 1.0) == [truth[1]]
+
+
+def test_a_true_event_starts_where_the_clip_sounds_not_where_its_file_starts():
+    """A crying-baby recording quiet for its first 2.65 s: a detection at the first cry is a hit."""
+    rng = np.random.default_rng(0)
+    quiet, cry = rng.normal(0, 1e-4, 40000), 0.3 * np.sin(2 * np.pi * 500 * np.arange(32000) / 16000)
+    clip = np.concatenate([quiet, cry]).astype(np.float32)  # 2.5 s of near silence, then 2 s of sound
+    scene, truth = build_scene([(clip, "cry")], [np.full(16000, 0.01, np.float32)], gap_s=6, lead_s=4, tail_s=6)
+    assert truth[0].onset == pytest.approx(4 + 2.5) and truth[0].offset == pytest.approx(4 + 4.5)
+    assert sound_onset_s(clip) == pytest.approx(2.5) and sound_onset_s(cry.astype(np.float32)) == 0.0
+    assert sound_onset_s(np.ones(100, dtype=np.float32)) == 0.0  # shorter than one 50 ms frame
+    assert missed([(6.6, "cry")], truth, 1.0) == [] and missed([(4.0, "cry")], truth, 1.0) == truth
