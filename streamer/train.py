@@ -511,19 +511,20 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
 
 
 def output_folder(out_dir: Path) -> Path | None:
-    """Create ``out_dir`` (and its parents) and prove it writable; the first folder this created.
+    """Prove ``out_dir`` can be written; the first folder of its path that does not exist yet.
 
     Called before training, so that a ``--out`` that is a file, or lies where this user cannot
-    write, is a one-line error at once instead of a lost model at the end.
+    write, is a one-line error at once instead of a lost model at the end. Nothing is left
+    behind: a folder is made and removed in the nearest one that exists, and ``out_dir``
+    itself is created only when the model is saved (an interrupted training leaves no folder).
     """
     out_dir = out_dir.absolute()
     first_new = next((p for p in [*reversed(out_dir.parents), out_dir] if not p.exists()), None)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise StreamerError(f"--out {out_dir}: is a file, not a folder; give a folder for the model")
+    existing = out_dir if first_new is None else first_new.parent
+    if not existing.is_dir():
+        raise StreamerError(f"--out {out_dir}: {existing} is a file, not a folder; give a folder for the model")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".streamer-write-test-"):
-            pass
+        tempfile.TemporaryDirectory(dir=existing, prefix=".streamer-write-test-").cleanup()
     except OSError as exc:
         raise StreamerError(f"--out {out_dir}: cannot write there ({exc.strerror or exc}); give a folder you can write to") from None
     return first_new

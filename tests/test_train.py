@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -500,6 +501,21 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("streamer: error: --out"), result.stderr
     assert "steps of" not in result.stdout and "Traceback" not in result.stderr  # no "training N steps of …" line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "data", "read_only"]  # nothing left behind
+
+
+def test_an_interrupted_training_leaves_no_model_folder(tmp_path):
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0})
+    out = tmp_path / "new" / "m"
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "train", str(data), "--out", str(out), "--steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    for line in proc.stdout:  # await the first step, however slow the machine
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert not (tmp_path / "new").exists()
 
 
 def test_record_minutes_writes_as_it_reads(tmp_path):
