@@ -90,7 +90,9 @@ HARD_POOL = 768
 HARD_KEEP = 96
 HARD_SCORE_BATCH = 64
 MIN_CLIPS_PER_LABEL = 2  # one to train on, one held out
-STALE_FILES = (THRESHOLDS_FILE, "validation.json", "split.json", PICKLE_FILE)  # replaced or made wrong by a new model
+SPLIT_FILE = "split.json"  # the held-out files, beside the model
+VALIDATION_FILE = "validation.json"  # the report
+STALE_FILES = (THRESHOLDS_FILE, VALIDATION_FILE, SPLIT_FILE, PICKLE_FILE)  # replaced or made wrong by a new model
 SILENT_PEAK = 1e-4  # -80 dBFS: a label's clip whose loudest sample is under this holds no sound to learn
 
 
@@ -387,7 +389,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     val_bg_s = sum(len(audio[p]) for p in held.background_clips + held.background_streams) / SAMPLE_RATE_HZ
     progress(f"{len(new_labels)} labels, {len(train_data.clips)} training clips, {len(held.clips)} validation clips; "
              f"background {duration(train_bg_s)} for training, {duration(val_bg_s)} held out")
-    if not train_data.clips:
+    if not train_data.clips:  # a val_fraction that holds every clip out (TrainSettings; the CLI keeps 0.2)
         raise StreamerError(f"{data_dir}: too few clips to hold some out for validation (at least 2 per label)")
     first_new = output_folder(out_dir)  # before hours of training, not after: a bad --out fails now
 
@@ -483,7 +485,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
         for stale in STALE_FILES:  # an earlier model's, in the same folder: its thresholds would be read with this one
             (out_dir / stale).unlink(missing_ok=True)
         save_checkpoint(LoadedModel(model, config, feat, str(out_dir)), out_dir)
-        (out_dir / "split.json").write_text(json.dumps({"validation": {
+        (out_dir / SPLIT_FILE).write_text(json.dumps({"validation": {
             **{k: [p.name for p in v] for k, v in val_files.items() if not k.startswith("\0")},
             BACKGROUND: [p.name for p in val_files["\0bg"]],
             "background_long": [str(p) for p in val_files["\0long"]]}}, indent=2) + "\n")
@@ -505,7 +507,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
                   preset=None if base else settings.preset, max_length=feat.max_length, skipped=skipped)
     report["verdict"] = verdict(report, step)
     report["stream_warning"] = stream_warning(report)
-    (out_dir / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
     make_readable(out_dir, created=first_new)
     return report
 
