@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from streamer import __version__
@@ -20,6 +22,10 @@ RECORD_RING_S = 30.0  # `record` writes as it reads: the ring only bridges the w
 WAV_LIMIT_BYTES = 2**32 - 2**20  # past this a plain WAV header overflows: RF64 instead
 EXIT_UNUSABLE_MODEL = 3  # `streamer train` wrote the model but judged it not usable (its verdict line says why)
 DEFAULT_TRAIN_STEPS = 4000  # streamer.train.DEFAULT_STEPS (kept here so --help needs no torch import)
+# --max-length from scratch: at least one 16-frame patch; at most the AudioSet AST's 1024 frames
+# (10.24 s): beyond it a step takes minutes, and the daemon's windows are that long
+TRAIN_WINDOW_FRAMES = (16, 1024)
+MAX_SEED = 2**32 - 1  # the seeds torch, numpy and random all take
 
 
 def _positive_int(text: str) -> int:
@@ -27,6 +33,15 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+        return value
+    return parse
 
 
 def _hop(text: str) -> int:
@@ -81,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR", help="where to write the checkpoint")
     tr.add_argument("--base", help="pretrained AST to extend (frozen backbone, new label rows); default: train a small AST from scratch")
     tr.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="model size from scratch (default tiny)")
-    tr.add_argument("--max-length", type=_positive_int, default=128, help="window in frames from scratch (default 128 = 1.28 s)")
+    tr.add_argument("--max-length", type=_bounded_int(*TRAIN_WINDOW_FRAMES), default=128,
+                    help=f"window in frames from scratch, {TRAIN_WINDOW_FRAMES[0]} to {TRAIN_WINDOW_FRAMES[1]} (default 128 = 1.28 s)")
     tr.add_argument("--background", type=Path, action="append", default=[], metavar="DIR",
                     help="long recordings of the room (e.g. from `streamer record mic DIR/room.wav --minutes 60`), "
                          "besides DATA_DIR/background; may be given more than once")
@@ -92,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 0.001)")
     tr.add_argument("--max-false-per-hour", type=float, default=1.0, metavar="N",
                     help="thresholds keep false events on held-out background at or under this (default 1)")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=_bounded_int(0, MAX_SEED), default=0, help=f"0 to {MAX_SEED} (default 0); it also picks the held-out split")
     tr.add_argument("--hop", type=_hop, default=100, metavar="SECONDS",
                     help="the hop the thresholds are chosen for: the one your config runs at (default 1)")
     tr.add_argument("--threads", type=_positive_int, help="CPU threads (default: every core)")
@@ -245,9 +261,9 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.seconds is not None and args.minutes is not None:
         raise StreamerError("give --seconds or --minutes, not both")
     seconds = args.minutes * 60 if args.minutes is not None else (args.seconds if args.seconds is not None else RECORD_DEFAULT_S)
-    if seconds <= 0:
+    if not (math.isfinite(seconds) and seconds > 0):
         given = ("minutes", args.minutes) if args.minutes is not None else ("seconds", args.seconds)
-        raise StreamerError(f"--{given[0]} must be positive, got {given[1]}")
+        raise StreamerError(f"--{given[0]} must be a positive number, got {given[1]}")
     if args.out.suffix.lower() not in (".wav", ".flac"):
         raise StreamerError(f"{args.out}: give a .wav or .flac output file")
     if not args.out.parent.is_dir():
@@ -262,8 +278,12 @@ def cmd_record(args: argparse.Namespace) -> int:
     wanted = int(seconds * SAMPLE_RATE_HZ)
     have = 0
     wav = args.out.suffix.lower() == ".wav"
-    with sf.SoundFile(str(args.out), "w", SAMPLE_RATE_HZ, 1, subtype="FLOAT" if wav else "PCM_24",
-                      format="RF64" if wav and wanted * 4 >= WAV_LIMIT_BYTES else None) as out:
+    try:
+        out = sf.SoundFile(str(args.out), "w", SAMPLE_RATE_HZ, 1, subtype="FLOAT" if wav else "PCM_24",
+                           format="RF64" if wav and wanted * 4 >= WAV_LIMIT_BYTES else None)
+    except (sf.LibsndfileError, OSError) as exc:
+        raise StreamerError(f"{args.out}: cannot write there ({exc}); give a file you can write to") from None
+    with out:
         source.start()
         try:
             while have < wanted:
@@ -275,6 +295,9 @@ def cmd_record(args: argparse.Namespace) -> int:
                     break
                 else:
                     time.sleep(0.02)
+        except (sf.LibsndfileError, OSError) as exc:  # a disk that fills up: what was written so far stays readable
+            raise StreamerError(f"{args.out}: writing stopped after {have / SAMPLE_RATE_HZ:.1f} s ({exc}); "
+                                "the file holds what was recorded until then: free space, or record elsewhere") from None
         finally:
             source.stop()
     if source.error and not have:
@@ -352,17 +375,21 @@ def cmd_labels(args: argparse.Namespace) -> int:
     from streamer.model import load_model
 
     model, search = args.model, args.search
-    if search and (Path(search) / "config.json").is_file() and model == DEFAULT_MODEL:
+    if search and model == DEFAULT_MODEL and (Path(search).is_dir() or "/" in search):  # `streamer labels MODEL_DIR`
+        if not Path(search).is_dir():  # a path, not label text: the default model's labels would answer another question
+            raise StreamerError(f"{search}: no such model directory (give a model directory, or text to look for in the labels)")
         model, search = search, ""
     loaded = load_model(model)
     needle = search.casefold()
-    for index, name in enumerate(loaded.labels):
-        if needle in name.casefold():
-            chosen = loaded.thresholds.get(name)
-            shown = "" if chosen is None else f"\ton {chosen.on_threshold:.3f}\toff {chosen.off_threshold:.3f}" + (
-                "" if chosen.ema_alpha is None else f"\tema {chosen.ema_alpha:g}") + (
-                "" if loaded.thresholds_hop_s is None else f"\tat hop {loaded.thresholds_hop_s:g} s")
-            print(f"{index}\t{name}{shown}")
+    found = [(index, name) for index, name in enumerate(loaded.labels) if needle in name.casefold()]
+    if not found:  # an empty list and exit 0 would read as success
+        raise StreamerError(f"no label of {model} contains {search!r}")
+    for index, name in found:
+        chosen = loaded.thresholds.get(name)
+        shown = "" if chosen is None else f"\ton {chosen.on_threshold:.3f}\toff {chosen.off_threshold:.3f}" + (
+            "" if chosen.ema_alpha is None else f"\tema {chosen.ema_alpha:g}") + (
+            "" if loaded.thresholds_hop_s is None else f"\tat hop {loaded.thresholds_hop_s:g} s")
+        print(f"{index}\t{name}{shown}")
     return 0
 
 

@@ -36,7 +36,8 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,7 +247,7 @@ class Mixer:
         if clip is None:  # background alone, from barely audible to loud: all of it means "nothing"
             gain = np.float32(10 ** (self.rng.uniform(*self.s.negative_gain_db) / 20))
             if as_file:  # a short recording of nothing, padded as detect pads it
-                length = int(self.rng.integers(int(FILE_NEGATIVE_MIN_S * SAMPLE_RATE_HZ), self.span + 1))
+                length = int(self.rng.integers(min(int(FILE_NEGATIVE_MIN_S * SAMPLE_RATE_HZ), self.span), self.span + 1))
                 return self.band_limit(self.noise(length)) * gain
             return self.band_limit(self.noise()) * gain
         if len(clip) > self.span:
@@ -364,7 +365,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
             skipped.append(f"{path}: silent (peak under {20 * math.log10(SILENT_PEAK):.0f} dBFS): a clip of a label must hold the sound")
             del audio[path]
     if skipped:
-        progress(f"skipped {len(skipped)} file(s) that cannot be used: {skipped[0]}" + (" (and more: see --verbose)" if len(skipped) > 1 else ""))
+        progress(f"skipped {len(skipped)} file(s) that cannot be used: {skipped[0]}" + (f" (and {len(skipped) - 1} more: `streamer -v train …` lists them)" if len(skipped) > 1 else ""))
         for why in skipped[1:]:
             log.info("skipped: %s", why)
     files = {k: [p for p in v if p in audio] for k, v in files.items()}
@@ -481,7 +482,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
             for p, mean in zip(params, average):
                 p.copy_(mean)
     model.to("cpu").eval()
-    try:
+    with writing(out_dir):
         for stale in STALE_FILES:  # an earlier model's, in the same folder: its thresholds would be read with this one
             (out_dir / stale).unlink(missing_ok=True)
         save_checkpoint(LoadedModel(model, config, feat, str(out_dir)), out_dir)
@@ -489,17 +490,16 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
             **{k: [p.name for p in v] for k, v in val_files.items() if not k.startswith("\0")},
             BACKGROUND: [p.name for p in val_files["\0bg"]],
             "background_long": [str(p) for p in val_files["\0long"]]}}, indent=2) + "\n")
-    except OSError as exc:  # a disk that filled up during training
-        raise StreamerError(f"--out {out_dir}: cannot write the model ({exc.strerror or exc}); free space there, or give another --out") from None
 
     progress(f"validating {len(held.clips)} held-out clips and {duration(val_bg_s)} of background through `streamer detect`'s path")
     started_val = time.monotonic()
     report, chosen = validate(out_dir, held, new_labels, settings.max_false_per_hour, hop_s=settings.hop_s, seed=settings.seed)
-    write_thresholds(out_dir, {k: {key: v[key] for key in ("on_threshold", "off_threshold", "ema_alpha", "recall", "false_events_per_hour")}
-                               for k, v in chosen.items()},
-                     chosen_for=f"at most {settings.max_false_per_hour:g} false events per hour on held-out background, "
-                                f"best recall of held-out clips in a stream (hop {report['hop_s']:g} s, the shipped smoothing with the EMA weight chosen too)",
-                     background_s=report["stream"]["background_s"], hop_s=report["hop_s"])
+    with writing(out_dir):
+        write_thresholds(out_dir, {k: {key: v[key] for key in ("on_threshold", "off_threshold", "ema_alpha", "recall", "false_events_per_hour")}
+                                   for k, v in chosen.items()},
+                         chosen_for=f"at most {settings.max_false_per_hour:g} false events per hour on held-out background, "
+                                    f"best recall of held-out clips in a stream (hop {report['hop_s']:g} s, the shipped smoothing with the EMA weight chosen too)",
+                         background_s=report["stream"]["background_s"], hop_s=report["hop_s"])
     report["thresholds"] = chosen
     report.update(steps=step, steps_planned=settings.steps, seconds=round(train_s, 1),
                   validation_seconds=round(time.monotonic() - started_val, 1), steps_per_s=round(step / train_s, 3) if train_s else None,
@@ -507,9 +507,19 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
                   preset=None if base else settings.preset, max_length=feat.max_length, skipped=skipped)
     report["verdict"] = verdict(report, step)
     report["stream_warning"] = stream_warning(report)
-    (out_dir / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    with writing(out_dir):
+        (out_dir / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
     make_readable(out_dir, created=first_new)
     return report
+
+
+@contextmanager
+def writing(out_dir: Path) -> Iterator[None]:
+    """Writes into the model folder: a disk that fills up during a long training is one line, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise StreamerError(f"--out {out_dir}: cannot write the model ({exc.strerror or exc}); free space there, or give another --out") from None
 
 
 def output_folder(out_dir: Path) -> Path | None:

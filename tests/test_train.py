@@ -518,6 +518,65 @@ def test_an_interrupted_training_leaves_no_model_folder(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def _file_size_limit(limit_bytes: int):
+    """For a child process: files it writes stop at ``limit_bytes`` (EFBIG), as on a disk that fills up."""
+    def limit() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return limit
+
+
+@pytest.mark.parametrize("args", [["--max-length", "5"], ["--max-length", "2000"], ["--seed", "-1"], ["--seed", str(2**70)]])
+def test_train_refuses_a_window_or_a_seed_out_of_range_before_reading_anything(tmp_path, args):
+    result = run_cli("train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m"), *args)
+    assert result.returncode == 2 and "must be between" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_shortest_window_trains(tmp_path):
+    """A 16-frame window (0.16 s) is shorter than the shortest background piece scored as a file (0.3 s)."""
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0}, clips=3)
+    result = run_cli("train", str(data), "--out", str(tmp_path / "m"), "--max-length", "16", "--steps", "2", "--batch", "4")
+    assert result.returncode in (0, EXIT_UNUSABLE_MODEL) and "error" not in result.stderr, result.stderr
+    assert (tmp_path / "m" / "thresholds.json").is_file()
+
+
+def test_a_disk_that_fills_up_while_the_model_is_saved_is_one_line(tmp_path):
+    """safetensors reports a full disk as its own error, not an OSError: it was an internal error."""
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0}, clips=3)
+    result = subprocess.run([sys.executable, "-m", "streamer", "train", str(data), "--out", str(tmp_path / "m"), "--steps", "2",
+                             "--batch", "4"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            preexec_fn=_file_size_limit(100_000))  # the tiny model's weights are ~1 MB
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("streamer: error: --out") and "free space" in result.stderr
+
+
+def test_labels_of_a_path_that_is_no_model_or_of_text_no_label_holds_is_an_error(tmp_path, tiny_checkpoint):
+    directory, _ = tiny_checkpoint(max_length=128, num_labels=3)
+    missing = run_cli("labels", str(tmp_path / "no" / "model"))  # not the default model's labels, searched for a path
+    assert missing.returncode == 1 and "no such model directory" in missing.stderr and not missing.stdout
+    none = run_cli("labels", "no such sound", "--model", str(directory))
+    assert none.returncode == 1 and "no label of" in none.stderr and "Traceback" not in none.stderr
+    found = run_cli("labels", str(directory))
+    assert found.returncode == 0 and len(found.stdout.splitlines()) == 3
+
+
+def test_record_refuses_a_duration_that_is_no_number_or_a_file_it_cannot_write_and_keeps_what_it_wrote(tmp_path):
+    src = write_wav(tmp_path / "room.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 3).astype(np.float32))
+    for flag, value in (("--minutes", "nan"), ("--seconds", "inf")):
+        result = run_cli("record", f"file:{src}", str(tmp_path / "r.wav"), flag, value)
+        assert result.returncode == 1 and "must be a positive number" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "full.wav").symlink_to("/dev/full")
+    result = run_cli("record", f"file:{src}", str(tmp_path / "full.wav"), "--seconds", "1")
+    assert result.returncode == 1 and "cannot write there" in result.stderr and "Traceback" not in result.stderr
+    out = tmp_path / "cut.wav"
+    result = subprocess.run([sys.executable, "-m", "streamer", "record", f"file:{src}", str(out), "--seconds", "3"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120, preexec_fn=_file_size_limit(40_000))
+    assert result.returncode == 1 and "writing stopped after" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert 0 < len(read_audio(out)) < 3 * 16000  # what was written before the disk filled is a readable file
+
+
 def test_record_minutes_writes_as_it_reads(tmp_path):
     src = write_wav(tmp_path / "room.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 2).astype(np.float32))
     out = tmp_path / "background" / "room.wav"

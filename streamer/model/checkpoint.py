@@ -275,10 +275,14 @@ def load_model(path_or_id: str | Path, device: str | torch.device = "cpu") -> Lo
 
 def save_checkpoint(loaded: LoadedModel, directory: Path) -> None:
     """Write ``loaded`` as a standard Hugging Face AST checkpoint (the MIT key layout)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state_dict(loaded.model.state_dict()), str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
+    try:
+        save_file(to_hf_state_dict(loaded.model.state_dict()), str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
+    except SafetensorError as exc:  # a full disk comes back as safetensors' own error: callers handle OSError
+        raise OSError(f"{directory / SAFETENSORS_FILE}: {exc}") from None
     c = loaded.config
     config = {
         "architectures": ["ASTForAudioClassification"],
