@@ -133,15 +133,20 @@ class Dataset:
 
 
 def audio_files(folder: Path) -> list[Path]:
-    """Audio files under ``folder`` (recursively), sorted: the order never depends on the file system."""
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
+    """Audio files under ``folder``, in its subfolders too, sorted (the order never depends on the
+    file system). Hidden ones are not clips: a notebook's ``.ipynb_checkpoints`` copies, macOS's
+    ``._clip.wav`` resource forks."""
+    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES and f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
 
 
 def scan(data_dir: Path, background: str) -> tuple[dict[str, list[Path]], list[Path]]:
+    """``{label: clips}`` and the background clips: each folder of ``data_dir`` is a label, and
+    the clips in its subfolders are that label's too (a user's sessions, recorded apart)."""
     if not data_dir.is_dir():
         raise StreamerError(f"{data_dir}: not a directory (one folder per label of audio clips)")
-    folders = sorted(p for p in data_dir.iterdir() if p.is_dir())
-    files = {p.name: sorted(f for f in p.iterdir() if f.suffix.lower() in AUDIO_SUFFIXES) for p in folders}
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = {p.name: audio_files(p) for p in folders}
     bg = files.pop(background, [])
     files = {k: v for k, v in files.items() if v}
     if len(files) < 1:
@@ -486,9 +491,9 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
         for stale in STALE_FILES:  # an earlier model's, in the same folder: its thresholds would be read with this one
             (out_dir / stale).unlink(missing_ok=True)
         save_checkpoint(LoadedModel(model, config, feat, str(out_dir)), out_dir)
-        (out_dir / SPLIT_FILE).write_text(json.dumps({"validation": {
-            **{k: [p.name for p in v] for k, v in val_files.items() if not k.startswith("\0")},
-            BACKGROUND: [p.name for p in val_files["\0bg"]],
+        (out_dir / SPLIT_FILE).write_text(json.dumps({"validation": {  # DATA_DIR/label/<this>: a name, or sub/name
+            **{k: [p.relative_to(data_dir / k).as_posix() for p in v] for k, v in val_files.items() if not k.startswith("\0")},
+            BACKGROUND: [p.relative_to(data_dir / settings.background).as_posix() for p in val_files["\0bg"]],
             "background_long": [str(p) for p in val_files["\0long"]]}}, indent=2) + "\n")
 
     progress(f"validating {len(held.clips)} held-out clips and {duration(val_bg_s)} of background through `streamer detect`'s path")

@@ -463,6 +463,23 @@ def test_train_refuses_an_empty_data_directory_and_counts_corrupt_clips(tmp_path
     assert "skipped 1 file(s)" in result.stdout and "broken.wav" in result.stdout
 
 
+def test_clips_in_a_labels_subfolders_are_its_own_and_hidden_files_are_not_clips(tmp_path):
+    """A user's sessions recorded apart (beep/monday/0.wav, beep/tuesday/0.wav) were silently left
+    out; a notebook's checkpoint copies and macOS's ._ files became a label or skipped files."""
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0}, clips=4)
+    for i, day in enumerate(("monday", "monday", "tuesday", "tuesday")):
+        (data / "beep" / day).mkdir(exist_ok=True)
+        (data / "beep" / f"{i}.wav").rename(data / "beep" / day / f"{i % 2}.wav")  # the same names on both days
+    (data / ".ipynb_checkpoints").mkdir()
+    sf.write(data / ".ipynb_checkpoints" / "0.wav", np.zeros(16000, np.float32) + 0.1, 16000)
+    (data / "hum" / "._0.wav").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    result = run_cli("train", str(data), "--out", str(tmp_path / "m"), "--steps", "2", "--batch", "4")
+    assert result.returncode in (0, EXIT_UNUSABLE_MODEL), result.stderr
+    assert "2 labels, 6 training clips, 2 validation clips" in result.stdout and "skipped" not in result.stdout
+    split = json.loads((tmp_path / "m" / "split.json").read_text())["validation"]
+    assert "/" in split["beep"][0] and all((data / label / name).is_file() for label in ("hum", "beep") for name in split[label])
+
+
 def test_a_label_with_one_clip_is_refused_before_training_as_nothing_of_it_could_be_validated(tmp_path):
     data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0})
     for extra in sorted((data / "beep").iterdir())[1:]:
