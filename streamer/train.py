@@ -52,7 +52,7 @@ from streamer.features.fbank import log_mel, window_samples
 from streamer.model.ast import AudioSpectrogramTransformer
 from streamer.model.checkpoint import PICKLE_FILE, LoadedModel, load_model, save_checkpoint
 from streamer.model.config import ASTConfig, FeatureConfig
-from streamer.model.thresholds import THRESHOLDS_FILE, write_thresholds
+from streamer.model.thresholds import HOP_TOLERANCE_S, THRESHOLDS_FILE, write_thresholds
 from streamer.scenes import ACTIVE_FRAME_SAMPLES, active_frames
 
 log = logging.getLogger(__name__)
@@ -499,9 +499,10 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     progress(f"validating {len(held.clips)} held-out clips and {duration(val_bg_s)} of background through `streamer detect`'s path")
     started_val = time.monotonic()
     report, chosen = validate(out_dir, held, new_labels, settings.max_false_per_hour, hop_s=settings.hop_s, seed=settings.seed)
+    kept = base_thresholds(loaded, settings.hop_s, progress) if base else {}
     with writing(out_dir):
-        write_thresholds(out_dir, {k: {key: v[key] for key in ("on_threshold", "off_threshold", "ema_alpha", "recall", "false_events_per_hour")}
-                                   for k, v in chosen.items()},
+        write_thresholds(out_dir, {**kept, **{k: {key: v[key] for key in ("on_threshold", "off_threshold", "ema_alpha", "recall", "false_events_per_hour")}
+                                              for k, v in chosen.items()}},
                          chosen_for=f"at most {settings.max_false_per_hour:g} false events per hour on held-out background, "
                                     f"best recall of held-out clips in a stream (hop {report['hop_s']:g} s, the shipped smoothing with the EMA weight chosen too)",
                          background_s=report["stream"]["background_s"], hop_s=report["hop_s"])
@@ -516,6 +517,25 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
         (out_dir / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
     make_readable(out_dir, created=first_new)
     return report
+
+
+def base_thresholds(loaded: LoadedModel, hop_s: float, progress: Callable[[str], None]) -> dict[str, dict]:
+    """The ``--base`` model's own calibrated thresholds, for the model that extends it.
+
+    Its backbone and label rows are frozen, so its labels score exactly as before and what
+    its own training chose for them still holds — but only at the hop it was chosen at: at
+    another, those labels would go back to the config's or the shipped thresholds, and this
+    says so (a base with no thresholds, such as AudioSet's, says nothing).
+    """
+    if not loaded.thresholds:
+        return {}
+    if loaded.thresholds_hop_s is not None and abs(loaded.thresholds_hop_s - hop_s) >= HOP_TOLERANCE_S:
+        progress(f"the base model's thresholds for its {len(loaded.thresholds)} label(s) were chosen at hop {loaded.thresholds_hop_s:g} s, "
+                 f"not {hop_s:g} s: not kept (those labels use the config's or the shipped thresholds); "
+                 f"fix: train with --hop {loaded.thresholds_hop_s:g}")
+        return {}
+    return {label: {"on_threshold": c.on_threshold, "off_threshold": c.off_threshold, "ema_alpha": c.ema_alpha, "from_base": True}
+            for label, c in loaded.thresholds.items()}
 
 
 @contextmanager

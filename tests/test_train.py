@@ -105,6 +105,21 @@ def test_training_with_a_base_model_keeps_its_labels(tmp_path, tiny_checkpoint):
     with torch.no_grad():  # the backbone and the base labels' rows are untouched
         assert torch.allclose(extended.model(x)[:, :6], base.model(x), atol=1e-5)
 
+    # a base trained by `streamer train` has thresholds of its own: its labels score as before, so they are kept
+    own = {base.labels[0]: {"on_threshold": 0.8, "off_threshold": 0.56, "ema_alpha": 1.0},
+           base.labels[3]: {"on_threshold": 0.3, "off_threshold": 0.21, "ema_alpha": 0.5}}
+    (base_dir / "thresholds.json").write_text(json.dumps({"hop_s": 1.0, "labels": own}))
+    again = run_cli("train", str(data), "--out", str(tmp_path / "again"), "--base", str(base_dir), "--steps", "5", "--batch", "8")
+    assert again.returncode in (0, EXIT_UNUSABLE_MODEL), again.stderr
+    kept = load_model(tmp_path / "again").thresholds
+    assert set(kept) == set(own) | {"beep", "doorbell"}
+    assert all(tuple(kept[label]) == (v["on_threshold"], v["off_threshold"], v["ema_alpha"]) for label, v in own.items())
+    other_hop = run_cli("train", str(data), "--out", str(tmp_path / "hop"), "--base", str(base_dir), "--steps", "5", "--batch", "8",
+                        "--hop", "0.5")
+    assert other_hop.returncode in (0, EXIT_UNUSABLE_MODEL), other_hop.stderr
+    assert "chosen at hop 1 s, not 0.5 s: not kept" in other_hop.stdout and "--hop 1" in other_hop.stdout
+    assert set(load_model(tmp_path / "hop").thresholds) == {"beep", "doorbell"}
+
 
 def test_train_refuses_a_bad_data_directory(tmp_path):
     result = run_cli("train", str(tmp_path / "nothing"), "--out", str(tmp_path / "m"))
