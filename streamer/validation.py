@@ -43,6 +43,7 @@ import soundfile as sf
 from streamer.capture.files import read_audio
 from streamer.constants import SAMPLE_RATE_HZ
 from streamer.detect import FileScores, hop_to_frames, score_files
+from streamer.errors import StreamerError
 from streamer.events import EventSmoother, Target, TargetSettings
 from streamer.features.fbank import window_samples
 from streamer.inference.engine import InferenceEngine
@@ -100,7 +101,7 @@ def validate(model_dir: Path, held: HeldOut, labels: list[str], max_false_per_ho
     scene, truth = build_scene([clip_audio[i] for i in order], bed, gap_s=SCENE_GAP_S, seed=seed)
     with tempfile.TemporaryDirectory(prefix="streamer-validation-") as tmp:
         scene_path = Path(tmp) / "validation_scene.wav"
-        sf.write(scene_path, scene, SAMPLE_RATE_HZ, subtype="FLOAT")
+        _write(scene_path, scene)
         streams = [scene_path] + list(held.background_streams)
         stream_names = ["the validation scene's background"] + [p.name for p in held.background_streams]  # for the warning
         short_bg = _joined(held.background_clips, Path(tmp) / "background_clips.wav", window)
@@ -258,8 +259,17 @@ def _joined(paths: list[Path], out: Path, window: int) -> Path | None:
     audio = np.concatenate([read_audio(p) for p in paths])
     if len(audio) < window:
         return None
-    sf.write(out, audio, SAMPLE_RATE_HZ, subtype="FLOAT")
+    _write(out, audio)
     return out
+
+
+def _write(path: Path, audio: np.ndarray) -> None:
+    """A stream for validation, in the temporary folder: a full one is one line that names it (the model is saved already)."""
+    try:
+        sf.write(path, audio, SAMPLE_RATE_HZ, subtype="FLOAT")
+    except (sf.LibsndfileError, OSError) as exc:
+        raise StreamerError(f"cannot write the validation streams to {path.parent} ({exc}); the model is saved, but not validated: "
+                            "free space there, or set TMPDIR to a folder with room, and train again") from None
 
 
 def verdict(report: dict, steps: int) -> str | None:

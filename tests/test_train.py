@@ -584,6 +584,17 @@ def test_a_disk_that_fills_up_while_the_model_is_saved_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("streamer: error: --out") and "free space" in result.stderr
 
 
+def test_a_full_temporary_folder_during_validation_is_one_line(tmp_path):
+    """The model (1.5 MB) fits, the validation scene (3 long held-out clips in 6 s gaps, ~3 MB) does not."""
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0, "chirp": 2000.0}, seconds=10.0)
+    result = subprocess.run([sys.executable, "-m", "streamer", "train", str(data), "--out", str(tmp_path / "m"), "--steps", "2",
+                             "--batch", "4"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            preexec_fn=_file_size_limit(2_500_000))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot write the validation streams" in result.stderr and "TMPDIR" in result.stderr
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
 def test_labels_of_a_path_that_is_no_model_or_of_text_no_label_holds_is_an_error(tmp_path, tiny_checkpoint):
     directory, _ = tiny_checkpoint(max_length=128, num_labels=3)
     missing = run_cli("labels", str(tmp_path / "no" / "model"))  # not the default model's labels, searched for a path
