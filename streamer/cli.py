@@ -228,6 +228,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name, r in report["per_label"].items():
         print(f"  {name:<20} precision {r['precision']:.2f}  recall {r['recall']:.2f}  in a stream {r['stream_recall']:.2f}  "
               f"threshold {r['on_threshold']:.3f}  ({r['clips']} clips)")
+    if report["background_warning"]:
+        print(f"streamer: {report['background_warning']}", file=sys.stderr)
     if report["verdict"]:
         print(f"streamer: {report['verdict']}", file=sys.stderr)
         return EXIT_UNUSABLE_MODEL

@@ -513,10 +513,23 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
                   preset=None if base else settings.preset, max_length=feat.max_length, skipped=skipped)
     report["verdict"] = verdict(report, step)
     report["stream_warning"] = stream_warning(report)
+    report["background_warning"] = background_warning(len(train_data.background), len(held.background_clips + held.background_streams))
     with writing(out_dir):
         (out_dir / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
     make_readable(out_dir, created=first_new)
     return report
+
+
+def background_warning(trained_on: int, held_out: int) -> str | None:
+    """One line when no background recording was held out: the thresholds were then chosen on
+    the silence between the held-out clips, and say nothing of the room's false events."""
+    if held_out:
+        return None
+    why = ("no background recordings" if not trained_on else
+           f"only {trained_on} background recording(s), none left to hold out (one of every 5 is)")
+    return (f"warning: {why}: thresholds were chosen on silence, so expect false events in a real room; fix: record the room "
+            "as it sounds without your sounds (`streamer record mic background/room.wav --minutes 60`, several recordings) "
+            "and train with --background background/")
 
 
 def base_thresholds(loaded: LoadedModel, hop_s: float, progress: Callable[[str], None]) -> dict[str, dict]:

@@ -584,6 +584,16 @@ def test_a_disk_that_fills_up_while_the_model_is_saved_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("streamer: error: --out") and "free space" in result.stderr
 
 
+@pytest.mark.parametrize("recordings, said", [(0, "no background recordings"), (1, "only 1 background recording(s), none left to hold out")])
+def test_thresholds_chosen_without_held_out_background_are_a_warning_with_the_fix(tmp_path, recordings, said):
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0}, clips=3, background=recordings)
+    result = run_cli("train", str(data), "--out", str(tmp_path / "m"), "--steps", "2", "--batch", "4")
+    assert result.returncode in (0, EXIT_UNUSABLE_MODEL), result.stderr
+    warning = [line for line in result.stderr.splitlines() if line.startswith("streamer: warning:")]
+    assert len(warning) == 1 and said in warning[0] and "streamer record mic" in warning[0] and "--background" in warning[0]
+    assert json.loads((tmp_path / "m" / "validation.json").read_text())["background_warning"] == warning[0].removeprefix("streamer: ")
+
+
 def test_a_full_temporary_folder_during_validation_is_one_line(tmp_path):
     """The model (1.5 MB) fits, the validation scene (3 long held-out clips in 6 s gaps, ~3 MB) does not."""
     data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0, "chirp": 2000.0}, seconds=10.0)
