@@ -478,6 +478,19 @@ def test_train_refuses_an_empty_data_directory_and_counts_corrupt_clips(tmp_path
     assert "skipped 1 file(s)" in result.stdout and "broken.wav" in result.stdout
 
 
+def test_a_clip_with_damaged_samples_is_skipped_and_counted_not_learned(tmp_path):
+    """NaN, inf and 1e6 in a float WAV are repaired to keep a stream running; training must not learn the repair."""
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0}, clips=3)
+    nan = np.full(16000, 0.1, np.float32)
+    nan[100:200] = np.nan
+    sf.write(data / "hum" / "nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(data / "background" / "loud.wav", np.full(16000, 1e6, np.float32), 16000, subtype="FLOAT")
+    result = run_cli("-v", "train", str(data), "--out", str(tmp_path / "m"), "--steps", "2", "--batch", "4")
+    assert result.returncode in (0, EXIT_UNUSABLE_MODEL), result.stderr
+    assert "skipped 2 file(s)" in result.stdout and "2 labels, 4 training clips, 2 validation clips" in result.stdout
+    assert "nan.wav: 100 samples NaN, inf" in result.stdout + result.stderr and "loud.wav: 16000 samples" in result.stdout + result.stderr
+
+
 def test_clips_in_a_labels_subfolders_are_its_own_and_hidden_files_are_not_clips(tmp_path):
     """A user's sessions recorded apart (beep/monday/0.wav, beep/tuesday/0.wav) were silently left
     out; a notebook's checkpoint copies and macOS's ._ files became a label or skipped files."""
