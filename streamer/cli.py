@@ -380,6 +380,8 @@ def cmd_labels(args: argparse.Namespace) -> int:
     if search and model == DEFAULT_MODEL and (Path(search).is_dir() or "/" in search):  # `streamer labels MODEL_DIR`
         if not Path(search).is_dir():  # a path, not label text: the default model's labels would answer another question
             raise StreamerError(f"{search}: no such model directory (give a model directory, or text to look for in the labels)")
+        if not (Path(search) / "config.json").is_file():  # a clips folder, say: not "config.json: no such file"
+            raise StreamerError(f"{search}: not a model directory (no config.json in it); give the folder `streamer train --out` wrote")
         model, search = search, ""
     loaded = load_model(model)
     needle = search.casefold()

@@ -622,6 +622,9 @@ def test_labels_of_a_path_that_is_no_model_or_of_text_no_label_holds_is_an_error
     directory, _ = tiny_checkpoint(max_length=128, num_labels=3)
     missing = run_cli("labels", str(tmp_path / "no" / "model"))  # not the default model's labels, searched for a path
     assert missing.returncode == 1 and "no such model directory" in missing.stderr and not missing.stdout
+    (tmp_path / "clips" / "beep").mkdir(parents=True)
+    clips = run_cli("labels", str(tmp_path / "clips"))  # the data folder instead of the model's
+    assert clips.returncode == 1 and "not a model directory" in clips.stderr and "Traceback" not in clips.stderr
     none = run_cli("labels", "no such sound", "--model", str(directory))
     assert none.returncode == 1 and "no label of" in none.stderr and "Traceback" not in none.stderr
     found = run_cli("labels", str(directory))
