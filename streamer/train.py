@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamer.capture.files import MAX_ABS_SAMPLE, iter_audio
+from streamer.capture.files import MAX_ABS_SAMPLE, read_audio
 from streamer.constants import SAMPLE_RATE_HZ
 from streamer.errors import StreamerError
 from streamer.features.fbank import log_mel, window_samples
@@ -162,14 +162,13 @@ def readable(paths: list[Path], skipped: list[str]) -> dict[Path, np.ndarray]:
     for path in paths:
         damaged: list[int] = []
         try:
-            blocks = list(iter_audio(path, on_damaged=damaged.append))
+            audio = read_audio(path, on_damaged=damaged.append)
         except StreamerError as exc:
             skipped.append(str(exc))
             continue
         if sum(damaged):
             skipped.append(f"{path}: {sum(damaged)} samples NaN, inf or beyond ±{MAX_ABS_SAMPLE:g} (a damaged file)")
             continue
-        audio = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
         if len(audio) < window_samples(1):
             skipped.append(f"{path}: shorter than one 25 ms frame")
             continue

@@ -108,7 +108,7 @@ def iter_audio(path: str | Path, block_seconds: float = BLOCK_SECONDS,
             log.warning("%s: %d samples were NaN, inf or absurdly large; replaced", path, damaged)
 
 
-def read_audio(path: str | Path) -> np.ndarray:
-    """A whole file as 16 kHz mono float32."""
-    blocks = list(iter_audio(path))
+def read_audio(path: str | Path, on_damaged: Callable[[int], None] | None = None) -> np.ndarray:
+    """A whole file as 16 kHz mono float32 (``on_damaged``: as :func:`iter_audio`'s)."""
+    blocks = list(iter_audio(path, on_damaged=on_damaged))
     return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
