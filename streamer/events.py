@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 COMBINE = ("max", "noisy_or")
 SMOOTHING = ("none", "ema", "median")
 THRESHOLD_KEYS = {"on_threshold", "off_threshold"}
+# where a config sets on_threshold alone and the off-threshold it would inherit (the defaults',
+# or the model's calibrated one) is above it, off = this × on: the shipped defaults' ratio (0.35 / 0.5)
+OFF_RATIO = 0.7
 SMOOTHING_KEYS = {"smoothing", "ema_alpha", "median_windows"}  # a target's config that sets any of these keeps its smoothing
 MIN_LEVEL_RANGE_DBFS = (-120.0, 0.0)  # detect.min_level_dbfs: what a float sample can express
 
@@ -121,7 +124,7 @@ class DetectSettings:
         if not isinstance(defaults_raw, dict):
             raise StreamerError(f"{where}.defaults: expected a mapping")
         _known(defaults_raw, knobs, f"{where}.defaults")
-        defaults = replace(TargetSettings(), **defaults_raw)
+        defaults = _off_below_on(replace(TargetSettings(), **defaults_raw), defaults_raw)
         defaults.check(f"{where}.defaults")
         groups: dict[str, tuple[str, ...]] = {}
         overrides: dict[str, dict[str, Any]] = {}
@@ -161,8 +164,10 @@ class DetectSettings:
         ``calibrated``: per-label ``(on, off[, ema_alpha])`` chosen from data by ``streamer
         train`` (the model's thresholds.json, :class:`streamer.model.thresholds.Calibration`).
         They replace ``defaults``' thresholds (and smoothing: an EMA of that weight) for that
-        label's target; a target whose ``targets.NAME`` section sets either threshold keeps
-        the config's thresholds, one that sets its smoothing keeps that (the config wins).
+        label's target. The config wins key by key: a ``targets.NAME`` section that sets
+        ``off_threshold`` alone keeps the calibrated on-threshold (and one that sets
+        ``on_threshold`` alone gets ``OFF_RATIO`` of it as off where the calibrated off would
+        be above it); one that sets its smoothing keeps that.
         """
         calibrated = calibrated or {}
         known = set(labels)
@@ -181,7 +186,17 @@ class DetectSettings:
         for name in self.overrides:
             if name not in {t.name for t in out}:
                 raise StreamerError(f"detect.targets.{name}: no such target (not a group, or an excluded/unknown label)")
+        if not out:  # a daemon that can never raise an event would look like a quiet room
+            shown = ", ".join(repr(p) for p in self.include[:4]) + (" …" if len(self.include) > 4 else "")
+            raise StreamerError(f"detect: no targets: detect.include [{shown}] matches none of the model's {len(labels)} labels"
+                                + (" (or detect.exclude removes them)" if self.exclude else "")
+                                + "; fix: name some of its labels under detect.include (`streamer labels MODEL` lists them)")
         return out
+
+    def unmatched(self, labels: tuple[str, ...]) -> list[str]:
+        """detect.include patterns that match none of ``labels`` — a typo, or a label of another
+        model (the shipped config's AudioSet names with a model of one's own): worth a warning."""
+        return [p for p in self.include if not _matches_any(p, labels)]
 
     def calibrated_targets(self, targets: list[Target], calibrated: dict[str, tuple] | None) -> list[str]:
         """Of ``targets`` (as :meth:`targets` built them), those whose thresholds come from
@@ -189,21 +204,38 @@ class DetectSettings:
         another hop would mislead."""
         calibrated = calibrated or {}
         return [t.name for t in targets
-                if t.name in calibrated and t.name not in self.groups and not THRESHOLD_KEYS & set(self.overrides.get(t.name, {}))]
+                if t.name in calibrated and t.name not in self.groups and "on_threshold" not in self.overrides.get(t.name, {})]
 
     def _settings(self, name: str, calibrated: dict[str, tuple]) -> TargetSettings:
         override = self.overrides.get(name, {})
         base = self.defaults
-        if name in calibrated and name not in self.groups:
+        from_model = name in calibrated and name not in self.groups
+        if from_model:
             on, off, *rest = calibrated[name]  # a Calibration, or a plain (on, off) pair
             alpha = rest[0] if rest else None
-            if not THRESHOLD_KEYS & set(override):
-                base = replace(base, on_threshold=on, off_threshold=off)
+            base = replace(base, on_threshold=on, off_threshold=off)  # the config's own keys replace these below
             if alpha is not None and not SMOOTHING_KEYS & set(override):
                 base = replace(base, smoothing="ema", ema_alpha=alpha)
-        settings = replace(base, **override)
-        settings.check(f"detect.targets.{name}" if name in self.overrides else "detect.defaults")
+        settings = _off_below_on(replace(base, **override), override)
+        try:
+            settings.check(f"detect.targets.{name}" if name in self.overrides else "detect.defaults")
+        except StreamerError as exc:
+            if from_model and THRESHOLD_KEYS & set(override) != THRESHOLD_KEYS:  # one of the pair came from the model
+                raise StreamerError(f"{exc} (the model's thresholds.json gives {name} on {calibrated[name][0]:g} / "
+                                    f"off {calibrated[name][1]:g}); fix: set both thresholds of that target, or one that fits") from None
+            raise
         return settings
+
+
+def _off_below_on(settings: TargetSettings, raw: dict) -> TargetSettings:
+    """``settings`` with off at ``OFF_RATIO`` of on where ``raw`` (the config's keys) sets
+    on_threshold alone and the inherited off-threshold would be above it: ``on_threshold: 0.3``
+    means a target that fires at 0.3, not an error about the default off of 0.35."""
+    on = settings.on_threshold
+    if ("on_threshold" in raw and "off_threshold" not in raw and isinstance(on, (int, float)) and not isinstance(on, bool)
+            and math.isfinite(on) and 0.0 <= on < settings.off_threshold):
+        return replace(settings, off_threshold=round(on * OFF_RATIO, 4))
+    return settings
 
 
 def _known(raw: dict, allowed: set[str], where: str) -> None:
@@ -214,6 +246,10 @@ def _known(raw: dict, allowed: set[str], where: str) -> None:
             near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise StreamerError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _matches_any(pattern: str, labels: tuple[str, ...]) -> bool:
+    return any(_matches(label, (pattern,)) for label in labels)
 
 
 def _matches(label: str, patterns: tuple[str, ...]) -> bool:

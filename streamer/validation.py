@@ -44,7 +44,7 @@ from streamer.capture.files import read_audio
 from streamer.constants import SAMPLE_RATE_HZ
 from streamer.detect import FileScores, hop_to_frames, score_files
 from streamer.errors import StreamerError
-from streamer.events import EventSmoother, Target, TargetSettings
+from streamer.events import OFF_RATIO, EventSmoother, Target, TargetSettings
 from streamer.features.fbank import window_samples
 from streamer.inference.engine import InferenceEngine
 from streamer.model import load_model
@@ -61,7 +61,6 @@ THRESHOLD_GRID = tuple(round(0.05 + 0.025 * i, 3) for i in range(37))  # candida
 # 0.98 loses the clips that score 0.9), while the held-out ambience went from 1.9 false events
 # per 10 minutes to none — all of which came from such labels (bench/README.md, "Training")
 LAST_RESORT_THRESHOLDS = (0.96, 0.97, 0.98, 0.99)
-OFF_RATIO = 0.7  # off-threshold = 0.7 × on, as the shipped defaults (0.35 / 0.5)
 EMA_CHOICES = (0.5, 1.0)  # candidate EMA weights of the newest window: the shipped default first (it wins ties), none
 # where in the range of equally good thresholds the chosen one sits: near its low end, as clips
 # the split never saw score lower than its own (0.5 gave event F1 0.46 on the scenes, 0.25: see bench/README.md)

@@ -113,6 +113,10 @@ def test_include_exclude_and_unknown_names():
         run([0.0], defaults={"on_treshold": 0.3})
     with pytest.raises(StreamerError, match="outside 0..1"):
         run([0.0], defaults={"on_threshold": 1.5})
+    # nothing left to detect is an error, not a daemon that stays silent; a pattern matching nothing is named
+    with pytest.raises(StreamerError, match=r"no targets: detect.include \['Cat'\] matches none of the model's"):
+        run([0.0], include=["Cat"])
+    assert DetectSettings.from_dict({"include": ["Dog", "Cat*", "*alarm*"]}).unmatched(tuple(LABELS)) == ["Cat*"]
 
 
 def test_close_all_marks_events_closed_by_shutdown():

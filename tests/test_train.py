@@ -368,9 +368,29 @@ def test_calibrated_thresholds_are_defaults_the_config_still_wins_over():
                                          "groups": {"alarms": ["alarm"]}})
     got = {t.name: (t.settings.on_threshold, t.settings.off_threshold) for t in settings.targets(labels, calibrated)}
     assert got["knock"] == (0.3, 0.21)  # the model's own threshold where the config sets none for it
-    assert got["glass"] == (0.9, 0.35)  # the config's targets section wins
+    assert got["glass"] == (0.9, 0.56)  # the config's targets section wins, key by key: on is the config's, off the model's
     assert got["alarms"] == (0.5, 0.35)  # a group is not a label: the config's defaults
     assert {t.name: t.settings.on_threshold for t in settings.targets(labels)}["knock"] == 0.5  # without: as before
+
+
+def test_a_config_that_sets_one_threshold_keeps_the_other_from_the_model():
+    """``off_threshold`` alone keeps the trained on-threshold (not the defaults' 0.5); ``on_threshold``
+    alone under the inherited off gets off at 0.7 × on; an off above the model's on is one line naming both."""
+    from streamer.errors import StreamerError
+    from streamer.events import DetectSettings
+
+    labels, calibrated = ("knock", "glass"), {"knock": (0.3, 0.21), "glass": (0.8, 0.56)}
+    def got(targets, calibrated=calibrated):
+        settings = DetectSettings.from_dict({"targets": targets})
+        return {t.name: (t.settings.on_threshold, t.settings.off_threshold) for t in settings.targets(labels, calibrated)}
+
+    assert got({"knock": {"off_threshold": 0.1}})["knock"] == (0.3, 0.1)
+    assert got({"glass": {"on_threshold": 0.5}})["glass"] == (0.5, 0.35)  # the model's off 0.56 would be above it
+    assert got({"knock": {"on_threshold": 0.25}}, {})["knock"] == (0.25, 0.175)  # no model thresholds: the defaults' 0.35 too
+    assert got({"knock": {"on_threshold": 0.6}})["knock"] == (0.6, 0.21)  # the model's off fits under it: kept
+    with pytest.raises(StreamerError, match=r"off_threshold 0.4 is above on_threshold 0.3 \(the model's thresholds.json gives knock on 0.3 / off 0.21\); fix: set both"):
+        got({"knock": {"off_threshold": 0.4}})
+    assert DetectSettings.from_dict({"defaults": {"on_threshold": 0.2}}).defaults.off_threshold == 0.14
 
 
 def test_the_calibrated_ema_weight_is_the_smoothing_unless_the_config_sets_one():
@@ -406,6 +426,11 @@ def test_a_broken_thresholds_file_is_a_one_line_error(tmp_path, tiny_checkpoint)
     (directory / "thresholds.json").write_text(json.dumps({"labels": {labels["0"]: {"on_threshold": 0.2, "off_threshold": 0.6}}}))
     result = run_cli("labels", str(directory))
     assert result.returncode == 1 and "off_threshold <= on_threshold" in result.stderr and "Traceback" not in result.stderr
+    assert "fix: train the model again" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert [line.split("\t")[1] for line in result.stdout.splitlines()] == [labels[str(i)] for i in range(3)]  # still listed
+    (directory / "thresholds.json").write_text("{\"labels\": {")
+    result = run_cli("labels", str(directory))
+    assert result.returncode == 1 and "not readable JSON" in result.stderr and len(result.stdout.splitlines()) == 3
     (directory / "thresholds.json").write_text(json.dumps({"labels": {labels["1"]: {"on_threshold": 0.6, "off_threshold": 0.4}}}))
     shown = run_cli("labels", str(directory))
     assert shown.returncode == 0, shown.stderr
