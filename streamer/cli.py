@@ -161,16 +161,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         checked = f"targets not checked: {why}"
     else:
         try:
-            targets = config.detect.targets(labels)
+            thresholds = model_thresholds(config.model.path)
+            targets = config.detect.targets(labels, thresholds)
         except StreamerError as exc:
             raise ConfigError([f"{args.config}: {exc}"]) from None
-        if not targets:
-            raise ConfigError([f"{args.config}: detect: no targets: detect.include matches none of the model's "
-                               f"{len(labels)} labels (see `streamer labels`)"])
-        checked = f"{len(targets)} target(s), targets checked against the model's {len(labels)} labels"
+        checked = f"{len(targets)} target(s), targets checked against the model's {len(labels)} labels" + (
+            f" and its thresholds.json ({len(thresholds)} labels)" if thresholds else "")
+        for pattern in config.detect.unmatched(labels):
+            print(f"streamer: warning: {args.config}: detect.include {pattern!r} matches none of the model's labels", file=sys.stderr)
     print(f"{args.config}: OK — {len(config.sources)} source(s), hop {'auto' if config.hop_auto else f'{config.hop} s'}, "
           f"MQTT {'on' if config.mqtt else 'off'}, model {config.model.path}; {checked}")
     return 0
+
+
+def model_thresholds(path_or_id: str) -> dict:
+    """A local model directory loaded as the daemon loads it — weights and thresholds.json, whose
+    faults would be the daemon's start-up error — and its thresholds; {} for a hub model."""
+    from streamer.model import load_model
+
+    return load_model(path_or_id).thresholds if Path(path_or_id).expanduser().is_dir() else {}
 
 
 def model_labels(path_or_id: str) -> tuple[tuple[str, ...] | None, str]:
@@ -337,6 +346,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     settings = load_detect_settings(args.config) if args.config else DetectSettings()
     targets = settings.targets(labels, engine.loaded.thresholds) if args.events_out else []
+    for pattern in settings.unmatched(labels) if args.events_out else []:
+        log.warning("detect.include %r matches none of the model's labels", pattern)
     if settings.calibrated_targets(targets, engine.loaded.thresholds) and (
             line := hop_mismatch(str(args.model), engine.loaded.thresholds_hop_s, args.hop / 100)):
         log.warning(line)
@@ -375,6 +386,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
     """Index and name of each label; a model trained by ``streamer train`` adds the on/off
     thresholds chosen from its data. ``streamer labels MODEL_DIR`` works too."""
     from streamer.model import load_model
+    from streamer.model.thresholds import ThresholdsError
 
     model, search = args.model, args.search
     if search and model == DEFAULT_MODEL and (Path(search).is_dir() or "/" in search):  # `streamer labels MODEL_DIR`
@@ -383,17 +395,24 @@ def cmd_labels(args: argparse.Namespace) -> int:
         if not (Path(search) / "config.json").is_file():  # a clips folder, say: not "config.json: no such file"
             raise StreamerError(f"{search}: not a model directory (no config.json in it); give the folder `streamer train --out` wrote")
         model, search = search, ""
-    loaded = load_model(model)
+    broken = None
+    try:
+        loaded = load_model(model)
+        labels, thresholds, hop_s = loaded.labels, loaded.thresholds, loaded.thresholds_hop_s
+    except ThresholdsError as exc:  # the labels still help whoever mends the file: list them, then fail
+        labels, thresholds, hop_s, broken = model_labels(model)[0] or (), {}, None, exc
     needle = search.casefold()
-    found = [(index, name) for index, name in enumerate(loaded.labels) if needle in name.casefold()]
-    if not found:  # an empty list and exit 0 would read as success
+    found = [(index, name) for index, name in enumerate(labels) if needle in name.casefold()]
+    if not found and not broken:  # an empty list and exit 0 would read as success
         raise StreamerError(f"no label of {model} contains {search!r}")
     for index, name in found:
-        chosen = loaded.thresholds.get(name)
+        chosen = thresholds.get(name)
         shown = "" if chosen is None else f"\ton {chosen.on_threshold:.3f}\toff {chosen.off_threshold:.3f}" + (
             "" if chosen.ema_alpha is None else f"\tema {chosen.ema_alpha:g}") + (
-            "" if loaded.thresholds_hop_s is None else f"\tat hop {loaded.thresholds_hop_s:g} s")
+            "" if hop_s is None else f"\tat hop {hop_s:g} s")
         print(f"{index}\t{name}{shown}")
+    if broken:
+        raise broken
     return 0
 
 

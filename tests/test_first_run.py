@@ -70,6 +70,21 @@ def test_check_config_checks_targets_and_groups_against_the_model(tmp_path, tiny
     assert "Traceback" not in bad.stderr
     none = run_cli("check-config", str(config({"include": ["Nothing*"]})))
     assert none.returncode == 2 and "no targets" in none.stderr
+    partly = run_cli("check-config", str(config({"include": [labels[0], "Dog"]})))
+    assert partly.returncode == 0 and "1 target(s)" in partly.stdout
+    assert "detect.include 'Dog' matches none of the model's labels" in partly.stderr
+    # what `run` would refuse at start, check-config refuses now: a broken thresholds.json, broken weights
+    (directory / "thresholds.json").write_text(json.dumps({"labels": {labels[0]: {"on_threshold": 7.0, "off_threshold": 0.1}}}))
+    broken = run_cli("check-config", str(config({"include": [labels[0]]})))
+    assert broken.returncode == 2 and "thresholds.json" in broken.stderr and "fix: train the model again" in broken.stderr
+    assert len(broken.stderr.strip().splitlines()) == 1
+    (directory / "thresholds.json").write_text(json.dumps({"labels": {labels[0]: {"on_threshold": 0.7, "off_threshold": 0.4}}}))
+    calibrated = run_cli("check-config", str(config({"include": [labels[0]], "targets": {labels[0]: {"off_threshold": 0.8}}})))
+    assert calibrated.returncode == 2 and "the model's thresholds.json gives" in calibrated.stderr  # the model's on 0.7 is under 0.8
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    cut = run_cli("check-config", str(config({"include": [labels[0]]})))
+    assert cut.returncode == 2 and "not a valid safetensors file" in cut.stderr and "Traceback" not in cut.stderr
     unknown = run_cli("check-config", str(config({"include": ["x"]}, model=str(tmp_path / "missing-model"))),
                       env={"HF_HUB_OFFLINE": "1"})
     assert unknown.returncode == 0 and "targets not checked" in unknown.stdout  # says plainly it could not check

@@ -23,6 +23,14 @@ THRESHOLDS_FILE = "thresholds.json"
 HOP_TOLERANCE_S = 0.005  # hops are whole 10 ms frames: closer than half a frame is the same hop
 
 
+THRESHOLDS_FIX = ("fix: train the model again (streamer train … --out DIR), or move thresholds.json out of the model "
+                  "folder to use the config's thresholds")
+
+
+class ThresholdsError(CheckpointError):
+    """A thresholds.json that is there but cannot be used; the model's labels still can."""
+
+
 class Calibration(NamedTuple):
     """One label's values chosen from data; ``ema_alpha`` None: the smoothing was not chosen."""
 
@@ -38,9 +46,17 @@ def read_thresholds(directory: Path, labels: tuple[str, ...]) -> tuple[dict[str,
     A file that is there but broken is an error (a model whose calibration silently
     vanished would fire at the wrong rate); labels the model does not have are refused.
     """
-    path = directory / THRESHOLDS_FILE
-    if not path.is_file():
+    try:
+        return _read(directory / THRESHOLDS_FILE, labels)
+    except CheckpointError as exc:
+        raise ThresholdsError(f"{exc}; {THRESHOLDS_FIX}") from None
+
+
+def _read(path: Path, labels: tuple[str, ...]) -> tuple[dict[str, Calibration], float | None]:
+    if not path.exists():
         return {}, None
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
     raw = read_json(path)
     entries = raw.get("labels") if isinstance(raw, dict) else None
     if not isinstance(entries, dict):
