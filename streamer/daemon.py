@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from streamer.capture.sources import MicSource, make_source
 from streamer.detect import hop_to_frames
@@ -99,6 +99,8 @@ class Daemon:
         cfg = self.config
         notify("STATUS=loading model")
         loaded = load_model(cfg.model.path)
+        self._model_files = _fingerprint(cfg.model.path)  # a later SIGHUP says when the model changed under it
+        self._file_config = self._read_file_config()
         self.labels = loaded.labels
         self.thresholds = loaded.thresholds  # chosen by `streamer train`: defaults the config can override
         self.engine = InferenceEngine(loaded, cfg.model.device, cfg.model.precision, cfg.model.max_batch, cfg.model.threads)
@@ -109,6 +111,8 @@ class Daemon:
         self.metrics = Metrics() if cfg.metrics else None
         self.clips = ClipWriter(cfg.clips) if cfg.clips else None
         targets = cfg.detect.targets(self.labels, self.thresholds)
+        for pattern in cfg.detect.unmatched(self.labels):
+            log.warning("detect.include %r matches none of the model's labels (`streamer labels %s` lists them)", pattern, cfg.model.path)
         self.calibrated_targets = cfg.detect.calibrated_targets(targets, self.thresholds)
         # Events go to the journal (on its own sink thread); the MQTT sender delivers
         # from it (what an earlier run left pending first). No MQTT: nothing would ever deliver
@@ -326,12 +330,39 @@ class Daemon:
         except (ConfigError, Exception) as exc:  # keep running on the old settings
             log.error("reload refused, keeping the old detect settings: %s", str(exc).replace("\n", "; "))
             return
+        ignored = self._not_reloaded(fresh)
+        if ignored:
+            log.warning("%s changed since start: SIGHUP reloads the detect section only, so the daemon runs on as before; "
+                        "fix: restart it to apply (systemctl restart streamer)", ", ".join(ignored))
+        if fresh.detect == self.config.detect:  # nothing to apply: open events go on
+            log.info("reload: the detect section of %s is unchanged", self.config_path)
+            notify("STATUS=reloaded: detect settings unchanged")
+            return
+        for pattern in fresh.detect.unmatched(self.labels):
+            log.warning("detect.include %r matches none of the model's labels", pattern)
         self.pipeline.reload(targets, candidate.detect.min_level_dbfs)
         self.config = candidate
         if self.mqtt:  # Home Assistant's entities follow the reloaded targets
             self.mqtt.set_targets({s.name: [t.name for t in targets] for s in self.sources})
         log.info("reloaded the detect section from %s", self.config_path)
         notify("STATUS=reloaded detect settings")
+
+    def _read_file_config(self) -> Config | None:
+        """The config file as it read at start, without command-line overrides: what a SIGHUP compares against."""
+        try:
+            return load_config(self.config_path) if self.config_path else None
+        except (ConfigError, Exception):  # e.g. a source given only on the command line
+            return None
+
+    def _not_reloaded(self, fresh: Config) -> list[str]:
+        """What changed since start that a SIGHUP does not apply: config sections, the model's files."""
+        changed = []
+        if self._file_config is not None:
+            changed = [f"{f.name} (in {self.config_path})" for f in fields(Config)
+                       if f.name != "detect" and getattr(fresh, f.name) != getattr(self._file_config, f.name)]
+        if _fingerprint(self.config.model.path) != self._model_files:
+            changed.append(f"the model at {self.config.model.path}")
+        return changed
 
     def _shutdown(self) -> None:
         notify("STOPPING=1")
@@ -358,3 +389,12 @@ class Daemon:
         if self.metrics_server:
             self.metrics_server.stop()
         log.info("stopped")
+
+
+def _fingerprint(model: str) -> tuple | None:
+    """Names, sizes and modification times of a local model directory's files (None for a hub id)."""
+    path = Path(model).expanduser()
+    try:
+        return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in path.iterdir() if f.is_file() and (st := f.stat())))
+    except OSError:  # not a directory (a hub id), or gone
+        return None if not path.exists() else ("unreadable",)

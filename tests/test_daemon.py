@@ -101,6 +101,37 @@ def test_sigterm_mid_event_publishes_off_and_offline(tmp_path, tiny_checkpoint, 
         sub.close()
 
 
+@pytest.mark.slow
+def test_sighup_with_the_detect_section_unchanged_keeps_events_open_and_names_what_needs_a_restart(tmp_path, tiny_checkpoint, scene):
+    """A SIGHUP whose detect section is as before cuts no event; changes it does not apply (the
+    hop, the model's files) are named in one warning with the fix, and the daemon runs on."""
+    import threading
+
+    directory, hf = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
+    label = hf.config.id2label[0]
+    always = {"include": [label], "defaults": {"on_threshold": 0.0, "off_threshold": 0.0, "hold": 0}}
+    config = write_config(tmp_path / "streamer.yaml", directory, scene, realtime=True, detect=always, loop=True)
+    proc = daemon(config)
+    err: list[str] = []
+    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
+    try:
+        assert json.loads(proc.stdout.readline())["state"] == "ON"  # an event is open
+        raw = json.loads(config.read_text())
+        config.write_text(json.dumps({**raw, "hop": 0.5}))  # detect unchanged; the hop is not reloaded
+        (directory / "thresholds.json").write_text(json.dumps({"labels": {label: {"on_threshold": 0.9, "off_threshold": 0.5}}}))
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: any("changed since start" in line for line in err), 30), "".join(err)
+        line = next(line for line in err if "changed since start" in line)
+        assert "hop (in" in line and f"the model at {directory}" in line and "restart" in line
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        events = [json.loads(x) for x in out.splitlines()]
+        assert [e["state"] for e in events] == ["OFF"] and events[0]["closed_by"] == "shutdown"  # open until the end, not cut by the reload
+    finally:
+        proc.kill()
+
+
 @pytest.mark.slow  # over 8 s on 2 cores: CI runs it, the fast lane does not
 def test_sighup_reloads_thresholds_and_refuses_a_broken_file(tmp_path, tiny_checkpoint, scene):
     directory, hf = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
