@@ -277,6 +277,32 @@ def test_reload_adds_and_removes_targets_and_streams(broker):
         sub.close()
 
 
+def test_a_restart_with_fewer_targets_removes_the_ones_taken_out_while_stopped(broker):
+    """The config lost a target while the daemon was stopped: the next start takes it out of the
+    retained device (platform-only, as HA removes a component) and clears its retained state."""
+    first = publisher(broker.port, targets={STREAM: [TARGET, "Dog"]})
+    kitchen, dog = T.device_config(STREAM), T.state(STREAM, "Dog")
+    watch = Subscriber(broker.port, ["homeassistant/#", f"{T.base}/#"])
+    try:
+        assert wait_for(lambda: watch.on(dog) and watch.on(dog)[-1].payload == "OFF" and first.queue_length() == 0, 10)
+    finally:
+        first.stop()
+    assert wait_for(lambda: watch.on(T.availability(STREAM)) and watch.on(T.availability(STREAM))[-1].payload == "offline", 10)
+    second = publisher(broker.port, targets={STREAM: [TARGET]})
+    try:
+        assert wait_for(lambda: watch.on(dog)[-1].payload == "", 10)  # its retained state cleared
+        assert wait_for(lambda: device_configs(watch)[kitchen]["cmps"].get(ha.target_key("Dog")) == {"p": "binary_sensor"}, 10)
+        assert device_configs(watch)[kitchen]["cmps"][ha.target_key(TARGET)]["name"] == TARGET  # the kept one stays
+        assert wait_for(lambda: second.queue_length() == 0, 10)
+        witness = Subscriber(broker.port, ["homeassistant/#", f"{T.base}/#"])
+        assert wait_for(lambda: witness.on(kitchen), 5)
+        assert witness.on(dog) == [] and witness.on(T.state(STREAM, TARGET))[-1].payload == "OFF"
+        witness.close()
+    finally:
+        second.stop()
+        watch.close()
+
+
 @pytest.mark.slow  # over 8 s on 2 cores: CI runs it, the fast lane does not
 def test_a_burst_of_home_assistant_births_announces_once(broker):
     helper = Subscriber(broker.port, [])

@@ -14,11 +14,13 @@ stream and target names become ids with :func:`streamer.names.ident` (injective)
   per ON, for HA's event entity.
 - ``{base}/{stream}/level``: the stream's level in dBFS, now and then (QoS 0, only while
   connected: a level is not worth queueing).
-- ``{base}/{stream}/availability``: retained ``online`` while the source delivers audio.
+- ``{base}/{stream}/availability``: retained ``online`` while the source delivers audio
+  (``offline`` from a clean stop on).
 
 Home Assistant discovery (:mod:`streamer.sinks.homeassistant`): one device per stream,
 following the config — :meth:`MqttPublisher.set_targets` on a reload announces added
-targets, removes taken-out ones and clears their retained state. Everything is announced
+targets, removes taken-out ones and clears their retained state; at a start, the targets a
+configured stream's retained device still holds from an earlier config are removed the same way. Everything is announced
 again once per Home Assistant birth message (a burst of births is debounced).
 
 Nothing here blocks the pipeline. Events are delivered from the durable event journal
@@ -434,13 +436,48 @@ class MqttPublisher:
         elif not payload:
             return
         elif self.topics.owns_device_config(topic):
-            if topic not in self.discovery() and not self._conflict:
+            current = self.discovery()
+            if topic not in current and not self._conflict:
                 log.info("mqtt: removing the discovery config of a stream no longer configured: %s", topic)
                 self._enqueue(Message(topic, "", retain=True))
+            elif topic in current and message.retain and not self._conflict:
+                self._remove_stale_components(topic, payload, current[topic])
         elif topic in self._legacy_topics() and topic not in self._legacy_cleared:
             self._legacy_cleared.add(topic)
             log.info("mqtt: migrating to device discovery: removing the old per-entity config %s", topic)
             self._enqueue(Message(topic, "", retain=True))
+
+    def _remove_stale_components(self, topic: str, retained: str, now: dict[str, Any]) -> None:
+        """A configured stream's device as an earlier run left it on the broker: the targets it
+        had and this run has not (the config changed while the daemon was stopped) are taken out
+        of Home Assistant (platform-only) and their retained state cleared, as a reload does.
+        Only the retained copy is read (what the broker held at subscribe time), so the daemon's
+        own announcements, echoed back live, never trigger this again."""
+        try:
+            old = json.loads(retained).get("cmps")
+        except (ValueError, AttributeError):
+            return
+        if not isinstance(old, dict):
+            return
+        gone = {key: c for key, c in old.items() if key not in now["cmps"] and isinstance(c, dict)
+                and isinstance(c.get("p"), str) and set(c) != {"p"}}  # platform-only: already a removal
+        if not gone:
+            return
+        stream = next((s for s in list(self.targets) if self.topics.device_config(s) == topic), None)
+        if stream is None:
+            return
+        with self._topology:
+            names = list(self.targets.get(stream, ()))
+        payload = ha.device_payload(self.topics, stream, names, self.settings.instance_label, QOS_EVENTS,
+                                    {key: c["p"] for key, c in gone.items()})
+        log.info("mqtt: removing %d entit%s no longer configured from %s: %s", len(gone), "y" if len(gone) == 1 else "ies",
+                 topic, ", ".join(str(c.get("name", key)) for key, c in gone.items()))
+        self._enqueue(Message(topic, json.dumps(payload), retain=True))
+        mine = f"{self.topics.base}/"
+        for c in gone.values():  # a removed sound sensor's retained ON/OFF: ours only, never a topic outside this instance
+            state = c.get("state_topic")
+            if isinstance(state, str) and state.startswith(mine) and state.endswith("/state"):
+                self._enqueue(Message(state, "", retain=True))
 
     def _legacy_topics(self) -> set[str]:
         with self._topology:
@@ -728,6 +765,10 @@ class MqttPublisher:
         self._sender.join(max(0.1, deadline - time.monotonic()))
         self._settle()
         if self.connected:
+            with self._topology:
+                streams = list(self.targets)
+            for stream in streams:  # no stream delivers audio now: its retained availability says so too
+                self._client.publish(self.topics.availability(stream), "offline", qos=QOS_EVENTS, retain=True)
             info = self._client.publish(self.settings.status_topic, "offline", qos=QOS_EVENTS, retain=True)
             try:
                 info.wait_for_publish(max(0.1, deadline - time.monotonic()))
