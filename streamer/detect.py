@@ -25,6 +25,7 @@ from streamer.constants import SAMPLE_RATE_HZ
 from streamer.features.windows import StreamWindows, Window
 
 log = logging.getLogger(__name__)
+INTERRUPT_STOP_S = 10.0  # an interrupted run waits this long for the scoring thread to finish its batch
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,9 @@ def score_files(
     from streamer.pipeline import Pipeline
     from streamer.sinks.base import SinkHub
 
-    for path in paths:
-        audio_info(Path(path))  # a missing or undecodable file: its one-line error before anything starts
+    for path in paths:  # a missing, undecodable or empty file: its one-line error before anything starts
+        if audio_info(Path(path))[2] == 0:
+            raise StreamerError(f"{path}: no audio in it (0 samples): nothing to score")
     sources = [FileSource(stream_name(p), p, realtime=False) for p in paths]
     starts: list[list[int]] = [[] for _ in paths]
     rows: list[list[np.ndarray]] = [[] for _ in paths]
@@ -92,6 +94,9 @@ def score_files(
     pipeline.start()
     try:
         pipeline.wait()
+    except BaseException:  # Ctrl-C: the scoring thread must end before the interpreter does (no torch op left running)
+        pipeline.worker.stop(drain=False, timeout=INTERRUPT_STOP_S)
+        raise
     finally:
         pipeline.ingest.stop()
     for source in sources:

@@ -253,8 +253,9 @@ def _matches_any(pattern: str, labels: tuple[str, ...]) -> bool:
 
 
 def _matches(label: str, patterns: tuple[str, ...]) -> bool:
+    """Case-insensitive: the label's own name (``a[1]`` is a label, not a character class), or a pattern."""
     folded = label.casefold()
-    return any(fnmatch.fnmatchcase(folded, p.casefold()) for p in patterns)
+    return any(folded == p.casefold() or fnmatch.fnmatchcase(folded, p.casefold()) for p in patterns)
 
 
 def slug(name: str) -> str:

@@ -120,6 +120,13 @@ def test_corrupt_audio_file(model_dir, tmp_path):
     assert_one_line_error(run_cli("detect", str(bad), "--model", str(model_dir)), "bad.wav", "cannot decode audio")
 
 
+def test_an_empty_audio_file_and_an_output_that_is_a_folder(model_dir, tmp_path, clip):
+    empty = write_wav(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32))
+    assert_one_line_error(run_cli("detect", str(empty), "--model", str(model_dir)), "empty.wav", "no audio in it (0 samples)")
+    assert_one_line_error(run_cli("detect", str(clip), "--model", str(model_dir), "--events-out", str(tmp_path)),
+                          str(tmp_path), "a folder; give a file name")
+
+
 def test_directory_without_weights(tmp_path, clip, model_dir):
     empty = tmp_path / "noweights"
     empty.mkdir()

@@ -117,6 +117,8 @@ def test_include_exclude_and_unknown_names():
     with pytest.raises(StreamerError, match=r"no targets: detect.include \['Cat'\] matches none of the model's"):
         run([0.0], include=["Cat"])
     assert DetectSettings.from_dict({"include": ["Dog", "Cat*", "*alarm*"]}).unmatched(tuple(LABELS)) == ["Cat*"]
+    odd = ("a[1]", "b*", "c")  # label names a user gave their folders: named as they are, they match themselves
+    assert [t.name for t in DetectSettings.from_dict({"include": ["A[1]", "b*"], "exclude": ["c"]}).targets(odd)] == ["a[1]", "b*"]
 
 
 def test_close_all_marks_events_closed_by_shutdown():
