@@ -26,10 +26,18 @@ DEFAULT_TRAIN_STEPS = 4000  # streamer.train.DEFAULT_STEPS (kept here so --help 
 # (10.24 s): beyond it a step takes minutes, and the daemon's windows are that long
 TRAIN_WINDOW_FRAMES = (16, 1024)
 MAX_SEED = 2**32 - 1  # the seeds torch, numpy and random all take
+MAX_TRAIN_STEPS = 1_000_000  # ~2 days of the tiny model on 2 cores: more is a typo, not a plan
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -37,7 +45,7 @@ def _positive_int(text: str) -> int:
 
 def _bounded_int(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        value = int(text)
+        value = _whole(text)
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
         return value
@@ -101,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--background", type=Path, action="append", default=[], metavar="DIR",
                     help="long recordings of the room (e.g. from `streamer record mic DIR/room.wav --minutes 60`), "
                          "besides DATA_DIR/background; may be given more than once")
-    tr.add_argument("--steps", type=_positive_int, default=DEFAULT_TRAIN_STEPS,
+    tr.add_argument("--steps", type=_bounded_int(1, MAX_TRAIN_STEPS), default=DEFAULT_TRAIN_STEPS,
                     help=f"training steps (default {DEFAULT_TRAIN_STEPS}): the same data, seed and steps give the same model")
     tr.add_argument("--minutes", type=float, help="also stop after this many minutes (a cap: the model then depends on the machine's speed)")
     tr.add_argument("--batch", type=_positive_int, default=32, help="examples per step (default 32)")
@@ -277,9 +285,11 @@ def cmd_record(args: argparse.Namespace) -> int:
         raise StreamerError(f"--{given[0]} must be a positive number, got {given[1]}")
     if args.out.suffix.lower() not in (".wav", ".flac"):
         raise StreamerError(f"{args.out}: give a .wav or .flac output file")
-    if not args.out.parent.is_dir():
-        raise StreamerError(f"{args.out}: the directory {args.out.parent} does not exist")
+    if args.out.parent.exists() and not args.out.parent.is_dir():
+        raise StreamerError(f"{args.out}: {args.out.parent} is a file, not a folder")
     spec = source_from_spec(args.source)
+    if getattr(spec, "path", None) and Path(spec.path).resolve() == args.out.resolve():
+        raise StreamerError(f"{args.out}: that is the file being recorded from; give another output file")
     if spec.type == "mic":
         spec = replace(spec, channels=args.channels, channel=args.channel)
     # written as it comes: an hour of background needs no hour-long ring or buffer
@@ -290,6 +300,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     have = 0
     wav = args.out.suffix.lower() == ".wav"
     try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # clips/doorbell/01.wav: the label's folder is made
         out = sf.SoundFile(str(args.out), "w", SAMPLE_RATE_HZ, 1, subtype="FLOAT" if wav else "PCM_24",
                            format="RF64" if wav and wanted * 4 >= WAV_LIMIT_BYTES else None)
     except (sf.LibsndfileError, OSError) as exc:
@@ -339,6 +350,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     for out in (args.scores_out, args.events_out):
         if out and not out.parent.is_dir():
             raise StreamerError(f"{out}: the directory {out.parent} does not exist")
+        if out and out.is_dir():  # found now, not after the scoring
+            raise StreamerError(f"{out}: a folder; give a file name (e.g. {out / 'events.jsonl'})")
     engine = InferenceEngine(
         load_model(args.model), device=args.device, precision=args.precision, max_batch=args.batch, threads=args.threads
     )

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 
@@ -57,7 +59,9 @@ from streamer.scenes import ACTIVE_FRAME_SAMPLES, active_frames
 
 log = logging.getLogger(__name__)
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif", ".au"}
+# every container soundfile (libsndfile) decodes, by file suffix — mp3 and opus too where the
+# library has them; RAW has no header to decode by. Other files in the folders are counted as skipped
+AUDIO_SUFFIXES = {f".{name.lower()}" for name in sf.available_formats() if name != "RAW"} | {".aif", ".wave", ".oga", ".opus"}
 PRESETS = {
     "tiny": dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=3, intermediate_size=384),
     "small": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768),
@@ -91,6 +95,7 @@ HARD_POOL = 768
 HARD_KEEP = 96
 HARD_SCORE_BATCH = 64
 MIN_CLIPS_PER_LABEL = 2  # one to train on, one held out
+STAGE_PREFIX = ".streamer-partial-"  # the hidden folder inside --out a model is written to before it is moved into place
 SPLIT_FILE = "split.json"  # the held-out files, beside the model
 VALIDATION_FILE = "validation.json"  # the report
 STALE_FILES = (THRESHOLDS_FILE, VALIDATION_FILE, SPLIT_FILE, PICKLE_FILE)  # replaced or made wrong by a new model
@@ -136,8 +141,17 @@ def audio_files(folder: Path) -> list[Path]:
     """Audio files under ``folder``, in its subfolders too, sorted (the order never depends on the
     file system). Hidden ones are not clips: a notebook's ``.ipynb_checkpoints`` copies, macOS's
     ``._clip.wav`` resource forks."""
-    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES and f.is_file()
-                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    return [f for f in _visible_files(folder) if f.suffix.lower() in AUDIO_SUFFIXES]
+
+
+def other_files(folder: Path) -> list[Path]:
+    """The visible files under ``folder`` that are not audio by their suffix (an .m4a, notes):
+    not clips, but counted among the skipped so that none vanishes without a word."""
+    return [f for f in _visible_files(folder) if f.suffix.lower() not in AUDIO_SUFFIXES]
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts))
 
 
 def scan(data_dir: Path, background: str) -> tuple[dict[str, list[Path]], list[Path]]:
@@ -362,21 +376,35 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     bf16 = settings.bf16
     files, bg = scan(data_dir, settings.background)
     long_bg = []
+    data_root, own_bg = data_dir.resolve(), (data_dir / settings.background).resolve()
+    seen = {p.resolve() for p in bg}  # DATA_DIR/background given again as --background: each file once
     for folder in settings.long_background:
         if not Path(folder).is_dir():
             raise StreamerError(f"--background {folder}: not a directory (give a folder of long recordings of the room)")
-        found = audio_files(Path(folder))
-        if not found:
+        where = Path(folder).resolve()
+        if where != own_bg and (where == data_root or data_root in where.parents or where in data_root.parents):
+            raise StreamerError(f"--background {folder}: holds labelled clips ({data_dir} is the clips folder): they would be "
+                                f"taught as \"nothing\"; give a folder of background recordings only")
+        everything = audio_files(Path(folder))
+        if not everything:
             raise StreamerError(f"--background {folder}: no audio files in it")
+        found = [f for f in everything if f.resolve() not in seen]  # a folder given twice (or inside another): each file once
+        seen.update(f.resolve() for f in found)
         long_bg += found
-    skipped: list[str] = []
+    skipped: list[str] = [f"{f}: not an audio file by its suffix (streamer reads .wav, .flac, .ogg, .mp3, .opus, .aiff "
+                          f"and the like: convert it, e.g. ffmpeg -i IN OUT.wav)"
+                          for folder in [*(p for p in sorted(data_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")),
+                                         *map(Path, settings.long_background)] for f in other_files(folder)]
+    skipped += [f"{f}: not in a label folder ({data_dir}/LABEL/{f.name} would be)" for f in sorted(data_dir.iterdir())
+                if f.is_file() and not f.name.startswith(".")]
     audio = readable([p for paths in files.values() for p in paths] + bg + long_bg, skipped)
     for path in [p for paths in files.values() for p in paths if p in audio]:
         if float(np.abs(audio[path]).max()) < SILENT_PEAK:  # a label's clip must hold its sound (background may be quiet)
             skipped.append(f"{path}: silent (peak under {20 * math.log10(SILENT_PEAK):.0f} dBFS): a clip of a label must hold the sound")
             del audio[path]
     if skipped:
-        progress(f"skipped {len(skipped)} file(s) that cannot be used: {skipped[0]}" + (f" (and {len(skipped) - 1} more: `streamer -v train …` lists them)" if len(skipped) > 1 else ""))
+        progress(f"skipped {len(skipped)} file(s) that cannot be used: {skipped[0]}" + (f" (and {len(skipped) - 1} more: " + ("listed below)" if log.isEnabledFor(logging.INFO) else "`streamer -v train …` lists them)")
+                                          if len(skipped) > 1 else ""))
         for why in skipped[1:]:
             log.info("skipped: %s", why)
     files = {k: [p for p in v if p in audio] for k, v in files.items()}
@@ -403,7 +431,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
              f"background {duration(train_bg_s)} for training, {duration(val_bg_s)} held out")
     if not train_data.clips:  # a val_fraction that holds every clip out (TrainSettings; the CLI keeps 0.2)
         raise StreamerError(f"{data_dir}: too few clips to hold some out for validation (at least 2 per label)")
-    first_new = output_folder(out_dir)  # before hours of training, not after: a bad --out fails now
+    first_new = output_folder(out_dir, data_dir, settings.long_background)  # before hours of training, not after: a bad --out fails now
 
     if base:
         loaded = load_model(base)
@@ -493,37 +521,80 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
             for p, mean in zip(params, average):
                 p.copy_(mean)
     model.to("cpu").eval()
+    # everything is written into a hidden folder inside --out and moved into place only once
+    # validated: an interrupt or a crash while validating leaves an earlier model whole, and
+    # never a model without its thresholds that every command would load without a word
     with writing(out_dir):
-        for stale in STALE_FILES:  # an earlier model's, in the same folder: its thresholds would be read with this one
-            (out_dir / stale).unlink(missing_ok=True)
-        save_checkpoint(LoadedModel(model, config, feat, str(out_dir)), out_dir)
-        (out_dir / SPLIT_FILE).write_text(json.dumps({"validation": {  # DATA_DIR/label/<this>: a name, or sub/name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in out_dir.glob(f"{STAGE_PREFIX}*"):  # a crashed run's
+            shutil.rmtree(leftover, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out_dir))
+    try:
+        report = _write_and_validate(model, config, feat, stage, out_dir, data_dir, val_files, held, new_labels, settings,
+                                     loaded if base else None, val_bg_s, progress)
+        report.update(steps=step, steps_planned=settings.steps, seconds=round(train_s, 1), steps_per_s=round(step / train_s, 3) if train_s else None,
+                      threads=threads, bf16=bf16, seed=settings.seed, labels=new_labels, base=base,
+                      preset=None if base else settings.preset, max_length=feat.max_length, skipped=skipped)
+        report["verdict"] = verdict(report, step)
+        report["stream_warning"] = stream_warning(report)
+        report["background_warning"] = background_warning(len(train_data.background), len(held.background_clips + held.background_streams))
+        with writing(out_dir):
+            (stage / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
+            written = sorted(f.name for f in stage.iterdir())
+            for stale in STALE_FILES:  # an earlier model's, in the same folder: its thresholds would be read with this one
+                if stale not in written:
+                    (out_dir / stale).unlink(missing_ok=True)
+            for name in written:  # the weights first, validation.json last (sorted): each move is atomic
+                os.replace(stage / name, out_dir / name)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        _remove_empty(out_dir, first_new)
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    make_readable(out_dir, written, created=first_new)
+    return report
+
+
+def _write_and_validate(model: AudioSpectrogramTransformer, config: ASTConfig, feat: FeatureConfig, stage: Path, out_dir: Path,
+                        data_dir: Path, val_files: dict, held, new_labels: list[str], settings: TrainSettings,
+                        base: LoadedModel | None, val_bg_s: float, progress: Callable[[str], None]) -> dict:
+    """The checkpoint and split into ``stage``, validated there (``streamer detect``'s path over
+    the files as written), then its thresholds.json; the report."""
+    from streamer.validation import BACKGROUND, validate
+
+    with writing(out_dir):
+        save_checkpoint(LoadedModel(model, config, feat, str(out_dir)), stage)
+        (stage / SPLIT_FILE).write_text(json.dumps({"validation": {  # DATA_DIR/label/<this>: a name, or sub/name
             **{k: [p.relative_to(data_dir / k).as_posix() for p in v] for k, v in val_files.items() if not k.startswith("\0")},
             BACKGROUND: [p.relative_to(data_dir / settings.background).as_posix() for p in val_files["\0bg"]],
             "background_long": [str(p) for p in val_files["\0long"]]}}, indent=2) + "\n")
 
     progress(f"validating {len(held.clips)} held-out clips and {duration(val_bg_s)} of background through `streamer detect`'s path")
     started_val = time.monotonic()
-    report, chosen = validate(out_dir, held, new_labels, settings.max_false_per_hour, hop_s=settings.hop_s, seed=settings.seed)
-    kept = base_thresholds(loaded, settings.hop_s, progress) if base else {}
+    report, chosen = validate(stage, held, new_labels, settings.max_false_per_hour, hop_s=settings.hop_s, seed=settings.seed)
+    kept = base_thresholds(base, settings.hop_s, progress) if base is not None else {}
     with writing(out_dir):
-        write_thresholds(out_dir, {**kept, **{k: {key: v[key] for key in ("on_threshold", "off_threshold", "ema_alpha", "recall", "false_events_per_hour")}
-                                              for k, v in chosen.items()}},
+        write_thresholds(stage, {**kept, **{k: {key: v[key] for key in ("on_threshold", "off_threshold", "ema_alpha", "recall", "false_events_per_hour")}
+                                            for k, v in chosen.items()}},
                          chosen_for=f"at most {settings.max_false_per_hour:g} false events per hour on held-out background, "
                                     f"best recall of held-out clips in a stream (hop {report['hop_s']:g} s, the shipped smoothing with the EMA weight chosen too)",
                          background_s=report["stream"]["background_s"], hop_s=report["hop_s"])
     report["thresholds"] = chosen
-    report.update(steps=step, steps_planned=settings.steps, seconds=round(train_s, 1),
-                  validation_seconds=round(time.monotonic() - started_val, 1), steps_per_s=round(step / train_s, 3) if train_s else None,
-                  threads=threads, bf16=bf16, seed=settings.seed, labels=new_labels, base=base,
-                  preset=None if base else settings.preset, max_length=feat.max_length, skipped=skipped)
-    report["verdict"] = verdict(report, step)
-    report["stream_warning"] = stream_warning(report)
-    report["background_warning"] = background_warning(len(train_data.background), len(held.background_clips + held.background_streams))
-    with writing(out_dir):
-        (out_dir / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    make_readable(out_dir, created=first_new)
+    report["validation_seconds"] = round(time.monotonic() - started_val, 1)
     return report
+
+
+def _remove_empty(out_dir: Path, first_new: Path | None) -> None:
+    """Folders this run created for --out, if nothing is in them (an interrupted run leaves none)."""
+    if first_new is None:
+        return
+    for folder in [out_dir.absolute(), *out_dir.absolute().parents]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == first_new.absolute():
+            return
 
 
 def background_warning(trained_on: int, held_out: int) -> str | None:
@@ -566,14 +637,25 @@ def writing(out_dir: Path) -> Iterator[None]:
         raise StreamerError(f"--out {out_dir}: cannot write the model ({exc.strerror or exc}); free space there, or give another --out") from None
 
 
-def output_folder(out_dir: Path) -> Path | None:
+def output_folder(out_dir: Path, data_dir: Path | None = None, backgrounds: tuple[Path, ...] = ()) -> Path | None:
     """Prove ``out_dir`` can be written; the first folder of its path that does not exist yet.
 
-    Called before training, so that a ``--out`` that is a file, or lies where this user cannot
-    write, is a one-line error at once instead of a lost model at the end. Nothing is left
-    behind: a folder is made and removed in the nearest one that exists, and ``out_dir``
-    itself is created only when the model is saved (an interrupted training leaves no folder).
+    Called before training, so that a ``--out`` that is a file, lies where this user cannot
+    write, lies among the clips (the model would become a label folder of the next run), or
+    is a folder of other things (a home directory: the model's files would land among them)
+    is a one-line error at once instead of a lost model at the end. Nothing is left behind:
+    a folder is made and removed in the nearest one that exists, and ``out_dir`` itself is
+    created only when the model is saved (an interrupted training leaves no folder).
     """
+    resolved = out_dir.resolve()
+    for folder, what in [(data_dir, "the clips folder"), *((b, "the --background folder") for b in backgrounds)]:
+        if folder is not None and (resolved == Path(folder).resolve() or Path(folder).resolve() in resolved.parents):
+            raise StreamerError(f"--out {out_dir}: inside {what} {folder}: the model would be read as clips next time; "
+                                f"give a folder outside it (e.g. models/NAME)")
+    if out_dir.is_dir() and not (out_dir / "config.json").is_file() and any(
+            not p.name.startswith(STAGE_PREFIX) for p in out_dir.iterdir()):
+        raise StreamerError(f"--out {out_dir}: a folder with other things in it, not a model; give a new or empty folder "
+                            f"(or a model folder to replace)")
     out_dir = out_dir.absolute()
     first_new = next((p for p in [*reversed(out_dir.parents), out_dir] if not p.exists()), None)
     existing = out_dir if first_new is None else first_new.parent
@@ -629,15 +711,17 @@ MODEL_FILE_MODE = 0o644
 MODEL_DIR_MODE = 0o755
 
 
-def make_readable(out_dir: Path, created: Path | None = None) -> None:
-    """Files 0644, folders 0755: a model trained as one user (root, a umask of 077) is read
-    by another — the service's dynamic user. ``created``: the first folder that training
+def make_readable(out_dir: Path, written: list[str], created: Path | None = None) -> None:
+    """The files training wrote (``written``, names in ``out_dir``) 0644 and ``out_dir`` 0755: a
+    model trained as one user (root, a umask of 077) is read by another — the service's dynamic
+    user. Nothing else in the folder is touched. ``created``: the first folder that training
     created above ``out_dir``, made traversable too (folders that existed are left alone)."""
     out_dir = out_dir.absolute()
-    for path in [out_dir, *out_dir.rglob("*")]:
-        if path.is_symlink():
-            continue
-        path.chmod(MODEL_DIR_MODE if path.is_dir() else MODEL_FILE_MODE)
+    out_dir.chmod(MODEL_DIR_MODE)
+    for name in written:
+        path = out_dir / name
+        if path.is_file() and not path.is_symlink():
+            path.chmod(MODEL_FILE_MODE)
     if created is not None:
         created = created.absolute()
         for parent in out_dir.parents:

@@ -110,10 +110,15 @@ def test_a_trained_model_is_readable_by_others(tmp_path, tiny_checkpoint):
     finally:
         os.umask(old)
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) & 0o044 == 0  # as written under umask 077
-    make_readable(out)
-    for path in [out, *out.rglob("*")]:
+    secret = out / "private" / "key"  # not the model's: never made readable
+    secret.parent.mkdir(mode=0o700)
+    secret.write_text("x")
+    secret.chmod(0o600)
+    make_readable(out, sorted(p.name for p in out.iterdir() if p.is_file()))
+    for path in [out, *out.glob("*.json"), out / "model.safetensors"]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and stat.S_IMODE(secret.parent.stat().st_mode) == 0o700
 
 
 def test_hub_error_is_a_whole_sentence_with_the_fix(tmp_path):

@@ -588,6 +588,68 @@ def test_an_interrupted_training_leaves_no_model_folder(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_an_interrupt_while_validating_keeps_the_earlier_model_whole(tmp_path, monkeypatch):
+    """The model is written beside --out and moved in only once validated: Ctrl-C in validation
+    leaves the earlier model's files as they were, and nothing half-written."""
+    from streamer import validation
+    from streamer.train import TrainSettings, train
+
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0}, clips=3)
+    out = tmp_path / "m"
+    settings = TrainSettings(steps=2, batch=4, threads=1)
+    train(data, out, settings, progress=lambda line: None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"model.safetensors", "thresholds.json", "validation.json", "split.json"} <= set(before)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(validation, "validate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, out, TrainSettings(steps=3, batch=4, threads=1, seed=1), progress=lambda line: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partial folder, no file changed
+    with pytest.raises(KeyboardInterrupt):
+        train(data, tmp_path / "new" / "m", TrainSettings(steps=3, batch=4, threads=1), progress=lambda line: None)
+    assert not (tmp_path / "new").exists()
+
+
+def test_out_and_background_folders_that_would_mix_model_clips_or_other_files_are_refused(tmp_path):
+    """A model inside the clips would be a label folder next time; a folder of other things (a
+    home directory) would get the model's files among them; clips as background are taught as
+    nothing; the same background folder twice counts once."""
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0}, clips=3)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    for out, said in ((data, "inside the clips folder"), (data / "hum", "inside the clips folder"),
+                      (tmp_path / "home", "a folder with other things in it")):
+        result = run_cli("train", str(data), "--out", str(out), "--steps", "1")
+        assert result.returncode == 1 and said in result.stderr and "steps of" not in result.stdout, result.stderr
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["notes.txt"]
+    result = run_cli("train", str(data), "--background", str(data), "--out", str(tmp_path / "m"), "--steps", "1")
+    assert result.returncode == 1 and "holds labelled clips" in result.stderr
+    room = tmp_path / "room"
+    room.mkdir()
+    sf.write(room / "a.wav", np.random.default_rng(1).normal(0, 0.01, 16000 * 40).astype(np.float32), 16000)
+    sf.write(room / "b.wav", np.random.default_rng(2).normal(0, 0.01, 16000 * 40).astype(np.float32), 16000)
+    once = run_cli("train", str(data), "--background", str(room), "--out", str(tmp_path / "m1"), "--steps", "1")
+    twice = run_cli("train", str(data), "--background", str(room), "--background", str(room), "--out", str(tmp_path / "m2"), "--steps", "1")
+    summary = [line for line in once.stdout.splitlines() if "training clips" in line]
+    assert summary and summary == [line for line in twice.stdout.splitlines() if "training clips" in line]
+
+
+def test_clips_in_any_format_soundfile_reads_are_used_and_other_files_are_counted(tmp_path):
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0}, clips=3)
+    audio, rate = sf.read(data / "hum" / "0.wav")
+    sf.write(data / "hum" / "extra.mp3", audio, rate)  # libsndfile reads mp3 (1.1+)
+    (data / "beep" / "notes.txt").write_text("recorded on monday")
+    sf.write(data / "stray.wav", audio, rate)  # not in a label folder
+    result = run_cli("-v", "train", str(data), "--out", str(tmp_path / "m"), "--steps", "1")
+    assert result.returncode in (0, EXIT_UNUSABLE_MODEL), result.stderr
+    assert "6 training clips, 1 validation clips" in result.stdout or "5 training clips, 2 validation clips" in result.stdout, result.stdout
+    assert "skipped 2 file(s)" in result.stdout and "listed below" in result.stdout
+    assert "notes.txt: not an audio file by its suffix" in result.stdout + result.stderr
+    assert "stray.wav: not in a label folder" in result.stdout + result.stderr
+
+
 def _file_size_limit(limit_bytes: int):
     """For a child process: files it writes stop at ``limit_bytes`` (EFBIG), as on a disk that fills up."""
     def limit() -> None:
@@ -640,7 +702,7 @@ def test_a_full_temporary_folder_during_validation_is_one_line(tmp_path):
                             preexec_fn=_file_size_limit(2_500_000))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "cannot write the validation streams" in result.stderr and "TMPDIR" in result.stderr
-    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert not (tmp_path / "m").exists()  # no model without its validation: nothing a later command would load
 
 
 def test_labels_of_a_path_that_is_no_model_or_of_text_no_label_holds_is_an_error(tmp_path, tiny_checkpoint):
@@ -673,10 +735,13 @@ def test_record_refuses_a_duration_that_is_no_number_or_a_file_it_cannot_write_a
 
 def test_record_minutes_writes_as_it_reads(tmp_path):
     src = write_wav(tmp_path / "room.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 2).astype(np.float32))
-    out = tmp_path / "background" / "room.wav"
-    out.parent.mkdir()
+    out = tmp_path / "background" / "room.wav"  # its folder is made, as for clips/doorbell/01.wav in the README
     result = run_cli("record", f"file:{src}", str(out), "--minutes", "0.01")  # 0.6 s, at the file's real pace
     assert result.returncode == 0, result.stderr
+    same = run_cli("record", f"file:{src}", str(src), "--seconds", "1")
+    assert same.returncode == 1 and "the file being recorded from" in same.stderr and len(read_audio(src)) == 2 * 16000
+    steps = run_cli("train", str(tmp_path), "--out", str(tmp_path / "m"), "--steps", "abc")
+    assert steps.returncode == 2 and "expected a whole number, got 'abc'" in steps.stderr
     assert len(read_audio(out)) == int(0.01 * 60 * 16000)
     both = run_cli("record", f"file:{src}", str(out), "--minutes", "1", "--seconds", "2")
     assert both.returncode == 1 and "not both" in both.stderr
