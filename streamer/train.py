@@ -544,7 +544,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
             for stale in STALE_FILES:  # an earlier model's, in the same folder: its thresholds would be read with this one
                 if stale not in written:
                     (out_dir / stale).unlink(missing_ok=True)
-            for name in written:  # the weights first, validation.json last (sorted): each move is atomic
+            for name in written:  # each move is atomic; thresholds.json and validation.json come last (sorted)
                 os.replace(stage / name, out_dir / name)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

@@ -74,6 +74,10 @@ def test_sigkill_mid_outage_then_restart_delivers_all_pending_in_order_each_once
     try:
         # 527 ONs at the first window; a reload closes them (527 OFFs) and they fire again (527 ONs)
         assert wait_for(lambda: len(pending_rows(journal_path)) >= LABELS, 120), first.args
+        path = Path(first.args[-1])  # a detect section that changed (a weight smoothing "none" never reads): a reload
+        raw = json.loads(path.read_text())
+        raw["detect"]["defaults"]["ema_alpha"] = 0.4
+        path.write_text(json.dumps(raw))
         first.send_signal(signal.SIGHUP)
         assert wait_for(lambda: len(pending_rows(journal_path)) >= 3 * LABELS, 60)
         first.send_signal(signal.SIGKILL)
