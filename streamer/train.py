@@ -54,7 +54,7 @@ from streamer.features.fbank import log_mel, window_samples
 from streamer.model.ast import AudioSpectrogramTransformer
 from streamer.model.checkpoint import PICKLE_FILE, LoadedModel, load_model, save_checkpoint
 from streamer.model.config import ASTConfig, FeatureConfig
-from streamer.model.thresholds import HOP_TOLERANCE_S, THRESHOLDS_FILE, write_thresholds
+from streamer.model.thresholds import HOP_TOLERANCE_S, THRESHOLDS_FILE, VALIDATION_FILE, write_thresholds
 from streamer.scenes import ACTIVE_FRAME_SAMPLES, active_frames
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,6 @@ HARD_SCORE_BATCH = 64
 MIN_CLIPS_PER_LABEL = 2  # one to train on, one held out
 STAGE_PREFIX = ".streamer-partial-"  # the hidden folder inside --out a model is written to before it is moved into place
 SPLIT_FILE = "split.json"  # the held-out files, beside the model
-VALIDATION_FILE = "validation.json"  # the report
 STALE_FILES = (THRESHOLDS_FILE, VALIDATION_FILE, SPLIT_FILE, PICKLE_FILE)  # replaced or made wrong by a new model
 SILENT_PEAK = 1e-4  # -80 dBFS: a label's clip whose loudest sample is under this holds no sound to learn
 

@@ -431,6 +431,13 @@ def test_a_broken_thresholds_file_is_a_one_line_error(tmp_path, tiny_checkpoint)
     (directory / "thresholds.json").write_text("{\"labels\": {")
     result = run_cli("labels", str(directory))
     assert result.returncode == 1 and "not readable JSON" in result.stderr and len(result.stdout.splitlines()) == 3
+    (directory / "thresholds.json").unlink()  # a model streamer trained (its report is there) that lost its thresholds: said
+    (directory / "validation.json").write_text("{}")
+    result = run_cli("labels", str(directory))
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 3
+    assert "thresholds.json is missing" in result.stderr and "the config's thresholds" in result.stderr
+    (directory / "validation.json").unlink()  # a model from elsewhere has none: nothing to say
+    assert "missing" not in run_cli("labels", str(directory)).stderr
     (directory / "thresholds.json").write_text(json.dumps({"labels": {labels["1"]: {"on_threshold": 0.6, "off_threshold": 0.4}}}))
     shown = run_cli("labels", str(directory))
     assert shown.returncode == 0, shown.stderr

@@ -12,6 +12,7 @@ target (see :meth:`streamer.events.DetectSettings.targets`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,7 +20,10 @@ from typing import Any, NamedTuple
 from streamer.errors import CheckpointError
 from streamer.model.config import read_json
 
+log = logging.getLogger(__name__)
+
 THRESHOLDS_FILE = "thresholds.json"
+VALIDATION_FILE = "validation.json"  # streamer train's report: its presence says the model was trained here
 HOP_TOLERANCE_S = 0.005  # hops are whole 10 ms frames: closer than half a frame is the same hop
 
 
@@ -54,6 +58,9 @@ def read_thresholds(directory: Path, labels: tuple[str, ...]) -> tuple[dict[str,
 
 def _read(path: Path, labels: tuple[str, ...]) -> tuple[dict[str, Calibration], float | None]:
     if not path.exists():
+        if (path.parent / VALIDATION_FILE).is_file():  # trained by `streamer train`, its thresholds since lost
+            log.warning("%s: trained by streamer train but its %s is missing: every label uses the config's thresholds; "
+                        "fix: train it again, or put thresholds.json back", path.parent, THRESHOLDS_FILE)
         return {}, None
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
