@@ -263,12 +263,13 @@ def _joined(paths: list[Path], out: Path, window: int) -> Path | None:
 
 
 def _write(path: Path, audio: np.ndarray) -> None:
-    """A stream for validation, in the temporary folder: a full one is one line that names it (the model is saved already)."""
+    """A stream for validation, in the temporary folder: a full one is one line that names it
+    (the model is not moved into --out unvalidated: train.py keeps it staged until then)."""
     try:
         sf.write(path, audio, SAMPLE_RATE_HZ, subtype="FLOAT")
     except (sf.LibsndfileError, OSError) as exc:
-        raise StreamerError(f"cannot write the validation streams to {path.parent} ({exc}); the model is saved, but not validated: "
-                            "free space there, or set TMPDIR to a folder with room, and train again") from None
+        raise StreamerError(f"cannot write the validation streams to {path.parent} ({exc}); no model was written (it could not be "
+                            "validated): free space there, or set TMPDIR to a folder with room, and train again") from None
 
 
 def verdict(report: dict, steps: int) -> str | None:

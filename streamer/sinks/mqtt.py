@@ -463,11 +463,11 @@ class MqttPublisher:
                 and isinstance(c.get("p"), str) and set(c) != {"p"}}  # platform-only: already a removal
         if not gone:
             return
-        stream = next((s for s in list(self.targets) if self.topics.device_config(s) == topic), None)
+        with self._topology:
+            stream = next((s for s in self.targets if self.topics.device_config(s) == topic), None)
+            names = list(self.targets.get(stream, ())) if stream is not None else []
         if stream is None:
             return
-        with self._topology:
-            names = list(self.targets.get(stream, ()))
         payload = ha.device_payload(self.topics, stream, names, self.settings.instance_label, QOS_EVENTS,
                                     {key: c["p"] for key, c in gone.items()})
         log.info("mqtt: removing %d entit%s no longer configured from %s: %s", len(gone), "y" if len(gone) == 1 else "ies",
