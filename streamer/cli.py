@@ -245,8 +245,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name, r in report["per_label"].items():
         print(f"  {name:<20} precision {r['precision']:.2f}  recall {r['recall']:.2f}  in a stream {r['stream_recall']:.2f}  "
               f"threshold {r['on_threshold']:.3f}  ({r['clips']} clips)")
-    if report["background_warning"]:
-        print(f"streamer: {report['background_warning']}", file=sys.stderr)
+    for warning in ("background_warning", "false_alarm_warning"):
+        if report[warning]:
+            print(f"streamer: {report[warning]}", file=sys.stderr)
     if report["verdict"]:
         print(f"streamer: {report['verdict']}", file=sys.stderr)
         return EXIT_UNUSABLE_MODEL

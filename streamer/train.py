@@ -364,9 +364,10 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
 
     The report's ``verdict`` is None for a usable model, else the one line that says why
     not and the fix (the CLI prints it and exits ``streamer.cli.EXIT_UNUSABLE_MODEL``);
-    ``stream_warning`` is the one line for labels a usable model never hears in a stream.
+    ``stream_warning`` is the one line for labels a usable model never hears in a stream,
+    ``false_alarm_warning`` the one for labels that fire on held-out background at every threshold.
     """
-    from streamer.validation import BACKGROUND, HeldOut, stream_warning, validate, verdict
+    from streamer.validation import BACKGROUND, HeldOut, false_alarm_warning, stream_warning, validate, verdict
 
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -536,6 +537,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
                       preset=None if base else settings.preset, max_length=feat.max_length, skipped=skipped)
         report["verdict"] = verdict(report, step)
         report["stream_warning"] = stream_warning(report)
+        report["false_alarm_warning"] = false_alarm_warning(report)
         report["background_warning"] = background_warning(len(train_data.background), len(held.background_clips + held.background_streams))
         with writing(out_dir):
             (stage / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")

@@ -140,6 +140,10 @@ def validate(model_dir: Path, held: HeldOut, labels: list[str], max_false_per_ho
                 counts = [len(quiet_false[key])] + [len(g[key]) for g in grid[1:]]
                 chosen[label]["masked_by"] = {"threshold": t, "ema_alpha": alpha, "recall": recall,
                                               "false_events": {n: c for n, c in sorted(zip(stream_names, counts), key=lambda nc: -nc[1]) if c}}
+        if not chosen[label]["within_target"] and hours > 0:  # over the rate even at the highest threshold: where it fires
+            key = (label, chosen[label]["ema_alpha"], chosen[label]["on_threshold"])
+            counts = [len(quiet_false[key])] + [len(g[key]) for g in grid[1:]]
+            chosen[label]["fires_on"] = {n: c for n, c in sorted(zip(stream_names, counts), key=lambda nc: -nc[1]) if c}
 
     # as files: each clip's best label over its windows, against that label's threshold
     truth_files = [label for _, label in held.clips] + [BACKGROUND] * len(held.background_clips)
@@ -298,6 +302,25 @@ def verdict(report: dict, steps: int) -> str | None:
         fixes.append("more background recordings (streamer record mic background/room.wav --minutes 60)")
     fixes.append(f"more steps (--steps {steps * 2})")
     return f"model NOT usable: {'; '.join(why)}; fix: {', or '.join(fixes)}"
+
+
+def false_alarm_warning(report: dict) -> str | None:
+    """One line naming the labels that fire on the held-out background more often than the
+    target rate even at the highest threshold tried (crickets heard as a smoke alarm), with the
+    recordings they fire on and the fix; else None. Their threshold is the highest, and the
+    daemon will raise false alarms for them in rooms that sound like those recordings."""
+    noisy = {k: v for k, v in report.get("thresholds", {}).items() if v.get("fires_on")}
+    if not noisy:
+        return None
+    parts = []
+    for label, v in sorted(noisy.items()):
+        files = ", ".join(f"{name} ({n})" for name, n in list(v["fires_on"].items())[:2])
+        parts.append(f"{label} ({v['false_events_per_hour']:.1f} per hour at threshold {v['on_threshold']:g}: on {files})")
+    names = ", ".join(sorted(noisy))
+    return (f"warning: over {report['max_false_events_per_hour']:g} false events per hour on held-out background "
+            f"at every threshold: {'; '.join(parts)}; expect false alarms in rooms like those; fix: take those "
+            f"recordings out of the background if they really hold {names}; else record more background like them and "
+            f"train again, or leave {names} out of detect.include")
 
 
 def stream_warning(report: dict) -> str | None:

@@ -874,3 +874,29 @@ def test_long_background_is_split_by_file_and_streamed_whole_in_validation(tmp_p
     assert report["held_out"]["background_streams"] == held
     assert report["stream"]["background_s"] >= 20.0  # the held-out recording streamed whole
     assert "1 min 20 s for training, 20 s held out" in result.stdout
+
+
+def test_a_label_that_fires_on_the_background_at_every_threshold_is_named_with_the_recordings(tmp_path, tiny_checkpoint):
+    """A label the held-out background sets off even at the highest threshold tried (crickets as a
+    smoke alarm) is kept at that threshold, and the train command says so in one line naming the
+    recordings it fires on and the fix — before, a usable model said nothing of it."""
+    from streamer.validation import LAST_RESORT_THRESHOLDS, HeldOut, false_alarm_warning, validate
+
+    directory, model = tiny_checkpoint(num_labels=2, max_length=128, id2label={0: "alarm", 1: "knock"}, label2id={"alarm": 0, "knock": 1})
+    with torch.no_grad():  # "alarm" scores 0.9997 on everything, "knock" nothing
+        model.classifier.dense.weight.zero_()
+        model.classifier.dense.bias.copy_(torch.tensor([8.0, -8.0]))
+    model.save_pretrained(directory)
+    rng = np.random.default_rng(0)
+    clips = [(write_wav(tmp_path / f"{label}{i}.wav", rng.normal(0, 0.1, 8000).astype(np.float32)), label)
+             for label in ("alarm", "knock") for i in range(2)]
+    crickets = write_wav(tmp_path / "summer-night.wav", rng.normal(0, 0.05, 16000 * 40).astype(np.float32))
+    report, chosen = validate(directory, HeldOut(clips, [], [crickets]), ["alarm", "knock"])
+    assert chosen["alarm"]["on_threshold"] == LAST_RESORT_THRESHOLDS[-1] and not chosen["alarm"]["within_target"]
+    assert chosen["alarm"]["fires_on"]["summer-night.wav"] >= 1 and "fires_on" not in chosen["knock"]
+    line = false_alarm_warning({**report, "thresholds": chosen})
+    assert line.startswith("warning: over 1 false events per hour on held-out background at every threshold: alarm (")
+    assert "at threshold 0.99: on " in line and "summer-night.wav (" in line and "knock" not in line and "\n" not in line
+    assert "take those recordings out of the background if they really hold alarm" in line
+    assert "leave alarm out of detect.include" in line
+    assert false_alarm_warning({**report, "thresholds": {"knock": chosen["knock"]}}) is None
