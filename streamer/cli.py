@@ -163,8 +163,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from streamer.settings import ConfigError, load_config
 
+    from streamer.model.checkpoint import _looks_like_hub_id
+
     config = load_config(args.config)
     labels, why = model_labels(config.model.path)
+    local = Path(config.model.path).expanduser()
+    if labels is None and (local.is_dir() or not _looks_like_hub_id(config.model.path)):  # `run` would refuse it too
+        raise ConfigError([f"{args.config}: model.path: {why}; give the folder `streamer train --out` wrote, a model folder "
+                           f"you downloaded, or a Hugging Face hub id"])
     if labels is None:
         checked = f"targets not checked: {why}"
     else:
@@ -207,7 +213,8 @@ def model_labels(path_or_id: str) -> tuple[tuple[str, ...] | None, str]:
         except Exception as exc:  # a cache that cannot be read: say so, do not fail the check
             return None, f"the hub cache could not be read ({type(exc).__name__})"
         if not isinstance(cached, str):
-            return None, f"model {path_or_id} is not in the local Hugging Face cache (run `streamer labels --model {path_or_id}` once online)"
+            return None, (f"model {path_or_id} is not in the local Hugging Face cache (run `streamer labels --model {path_or_id}` "
+                          f"once online), nor a folder here ({path.absolute()} does not exist)")
         config_file = Path(cached)
     else:
         return None, f"model {path_or_id}: no such directory"
@@ -270,6 +277,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
+    import signal
     import time
     from dataclasses import replace
 
@@ -291,6 +299,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     spec = source_from_spec(args.source)
     if getattr(spec, "path", None) and Path(spec.path).resolve() == args.out.resolve():
         raise StreamerError(f"{args.out}: that is the file being recorded from; give another output file")
+    if args.out.is_file():  # a take of clips/doorbell/01.wav recorded twice: the first is not lost without a word
+        raise StreamerError(f"{args.out}: already exists; give a new file name (or remove that file first)")
     if spec.type == "mic":
         spec = replace(spec, channels=args.channels, channel=args.channel)
     # written as it comes: an hour of background needs no hour-long ring or buffer
@@ -306,6 +316,10 @@ def cmd_record(args: argparse.Namespace) -> int:
                            format="RF64" if wav and wanted * 4 >= WAV_LIMIT_BYTES else None)
     except (sf.LibsndfileError, OSError) as exc:
         raise StreamerError(f"{args.out}: cannot write there ({exc}); give a file you can write to") from None
+    def stop(signum, frame) -> None:  # `timeout`, `kill`, a service stop: closed as Ctrl-C closes it, the header written
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     with out:
         source.start()
         try:
@@ -348,7 +362,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from streamer.model.thresholds import hop_mismatch
     from streamer.constants import SAMPLE_RATE_HZ
 
+    inputs = {p.resolve() for p in args.audio}
+    if args.scores_out and args.scores_out.suffix != ".npz":  # numpy's savez adds it: say where the scores go
+        args.scores_out = args.scores_out.with_name(args.scores_out.name + ".npz")
     for out in (args.scores_out, args.events_out):
+        if out and out.resolve() in inputs:
+            raise StreamerError(f"{out}: that is one of the audio files being scored (writing there would wipe it); give another file")
         if out and not out.parent.is_dir():
             raise StreamerError(f"{out}: the directory {out.parent} does not exist")
         if out and out.is_dir():  # found now, not after the scoring

@@ -431,7 +431,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
              f"background {duration(train_bg_s)} for training, {duration(val_bg_s)} held out")
     if not train_data.clips:  # a val_fraction that holds every clip out (TrainSettings; the CLI keeps 0.2)
         raise StreamerError(f"{data_dir}: too few clips to hold some out for validation (at least 2 per label)")
-    first_new = output_folder(out_dir, data_dir, settings.long_background)  # before hours of training, not after: a bad --out fails now
+    first_new = output_folder(out_dir, data_dir, settings.long_background, base)  # before hours of training, not after: a bad --out fails now
 
     if base:
         loaded = load_model(base)
@@ -638,13 +638,15 @@ def writing(out_dir: Path) -> Iterator[None]:
         raise StreamerError(f"--out {out_dir}: cannot write the model ({exc.strerror or exc}); free space there, or give another --out") from None
 
 
-def output_folder(out_dir: Path, data_dir: Path | None = None, backgrounds: tuple[Path, ...] = ()) -> Path | None:
+def output_folder(out_dir: Path, data_dir: Path | None = None, backgrounds: tuple[Path, ...] = (), base: str | None = None
+                  ) -> Path | None:
     """Prove ``out_dir`` can be written; the first folder of its path that does not exist yet.
 
     Called before training, so that a ``--out`` that is a file, lies where this user cannot
     write, lies among the clips (the model would become a label folder of the next run), or
-    is a folder of other things (a home directory: the model's files would land among them)
-    is a one-line error at once instead of a lost model at the end. Nothing is left behind:
+    is a folder of other things (a home directory: the model's files would land among them),
+    or is the ``--base`` model itself (a new model judged not usable would still replace the one
+    that works) is a one-line error at once instead of a lost model at the end. Nothing is left behind:
     a folder is made and removed in the nearest one that exists, and ``out_dir`` itself is
     created only when the model is saved (an interrupted training leaves no folder).
     """
@@ -653,6 +655,9 @@ def output_folder(out_dir: Path, data_dir: Path | None = None, backgrounds: tupl
         if folder is not None and (resolved == Path(folder).resolve() or Path(folder).resolve() in resolved.parents):
             raise StreamerError(f"--out {out_dir}: inside {what} {folder}: the model would be read as clips next time; "
                                 f"give a folder outside it (e.g. models/NAME)")
+    if base is not None and Path(base).is_dir() and Path(base).resolve() == resolved:
+        raise StreamerError(f"--out {out_dir}: the --base model's own folder: the extended model would replace it even if it "
+                            f"is judged not usable; give a new folder (e.g. {out_dir.name}-2), and point the config at it once it is usable")
     if out_dir.is_dir() and not (out_dir / "config.json").is_file() and any(
             not p.name.startswith(STAGE_PREFIX) for p in out_dir.iterdir()):
         raise StreamerError(f"--out {out_dir}: a folder with other things in it, not a model; give a new or empty folder "

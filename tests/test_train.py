@@ -900,3 +900,50 @@ def test_a_label_that_fires_on_the_background_at_every_threshold_is_named_with_t
     assert "take those recordings out of the background if they really hold alarm" in line
     assert "leave alarm out of detect.include" in line
     assert false_alarm_warning({**report, "thresholds": {"knock": chosen["knock"]}}) is None
+
+
+def test_outputs_that_would_wipe_an_input_or_a_working_model_are_refused(tmp_path, tiny_checkpoint):
+    """`detect --events-out` onto the clip it scores emptied it; `record` onto an earlier take
+    replaced it; `train --base M --out M` replaced a working model with one judged not usable."""
+    from streamer.errors import StreamerError
+    from streamer.train import output_folder
+
+    directory, _ = tiny_checkpoint()
+    clip = write_wav(tmp_path / "victim.wav", np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32))
+    before = clip.read_bytes()
+    for flag, out in (("--events-out", clip), ("--scores-out", tmp_path / "victim")):  # numpy would add .npz: not the clip
+        result = run_cli("detect", str(clip), "--model", str(directory), "--device", "cpu", flag, str(out))
+        if flag == "--events-out":
+            assert result.returncode == 1 and "one of the audio files being scored" in result.stderr, result.stderr
+        else:
+            assert result.returncode == 0 and (tmp_path / "victim.npz").is_file(), result.stderr
+    assert clip.read_bytes() == before
+    result = run_cli("detect", str(clip), "--model", str(directory), "--device", "cpu", "--scores-out", str(tmp_path / "victim.wav"))
+    assert result.returncode == 0 and (tmp_path / "victim.wav.npz").is_file() and clip.read_bytes() == before
+    take = tmp_path / "clips" / "doorbell" / "01.wav"
+    assert run_cli("record", f"file:{clip}", str(take), "--seconds", "0.5").returncode == 0
+    first = take.read_bytes()
+    again = run_cli("record", f"file:{clip}", str(take), "--seconds", "0.5")
+    assert again.returncode == 1 and "already exists" in again.stderr and take.read_bytes() == first
+    with pytest.raises(StreamerError, match="the --base model's own folder"):
+        output_folder(directory, base=str(directory))
+    assert output_folder(tmp_path / "m2", base=str(directory)) == tmp_path / "m2"
+
+
+def test_record_stopped_by_sigterm_keeps_a_readable_file(tmp_path):
+    """`timeout`, `kill` or a service stop: the file is closed as Ctrl-C closes it. A long
+    recording (RF64) killed before used to keep a header that said 0 frames."""
+    from mqtt_helpers import wait_for
+
+    src = write_wav(tmp_path / "room.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 30).astype(np.float32))
+    out = tmp_path / "long.wav"
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "record", f"file:{src}", str(out), "--minutes", "1200"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert wait_for(lambda: out.is_file() and out.stat().st_size > 64_000, timeout=120), "nothing recorded"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert sf.info(str(out)).frames > 0 and len(read_audio(out)) > 0
