@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from streamer.constants import SAMPLE_RATE_HZ
-from streamer.errors import StreamerError
+from streamer.errors import StreamerError, text_number_hint
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +58,27 @@ class TargetSettings:
     combine: str = "max"  # how a group's labels make one score
 
     def check(self, where: str) -> None:
+        self.check_values(where)
+        if self.off_threshold > self.on_threshold:
+            raise StreamerError(f"{where}: off_threshold {self.off_threshold} is above on_threshold {self.on_threshold}")
+
+    def check_values(self, where: str) -> None:
+        """Each value on its own (type, range); :meth:`check` adds the order of the two thresholds."""
         for key, spec in self.__dataclass_fields__.items():
             value, default = getattr(self, key), spec.default
             if isinstance(default, str):
                 if not isinstance(value, str):
                     raise StreamerError(f"{where}: {key} must be text, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise StreamerError(f"{where}: {key} must be a finite number, got {value!r}")
+                raise StreamerError(f"{where}: {key} must be a finite number, got {value!r}{text_number_hint(value)}")
             elif isinstance(default, int) and not isinstance(value, int):
                 raise StreamerError(f"{where}: {key} must be a whole number, got {value!r}")
         for key in ("on_threshold", "off_threshold"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise StreamerError(f"{where}: {key}={value} is outside 0..1")
-        if self.off_threshold > self.on_threshold:
-            raise StreamerError(f"{where}: off_threshold {self.off_threshold} is above on_threshold {self.on_threshold}")
+        if self.on_threshold == 0.0:  # every score is >= 0: ON from the first window, for ever
+            raise StreamerError(f"{where}: on_threshold 0 would hold the target ON whatever it hears; give a value above 0 (up to 1)")
         for key in ("min_on", "hold", "cooldown"):
             if getattr(self, key) < 0:
                 raise StreamerError(f"{where}: {key} must not be negative")
@@ -185,7 +191,11 @@ class DetectSettings:
                 out.append(Target(label, (label,), self._settings(label, calibrated)))
         for name in self.overrides:
             if name not in {t.name for t in out}:
-                raise StreamerError(f"detect.targets.{name}: no such target (not a group, or an excluded/unknown label)")
+                if name in known:
+                    raise StreamerError(f"detect.targets.{name}: a label of the model, but not a target: detect.include does not "
+                                        f"take it{' (or detect.exclude leaves it out)' if self.exclude else ''}; add it there, "
+                                        f"or remove this section")
+                raise StreamerError(f"detect.targets.{name}: no such target: neither a group nor a label of the model (see `streamer labels`)")
         if not out:  # a daemon that can never raise an event would look like a quiet room
             shown = ", ".join(repr(p) for p in self.include[:4]) + (" …" if len(self.include) > 4 else "")
             raise StreamerError(f"detect: no targets: detect.include [{shown}] matches none of the model's {len(labels)} labels"
@@ -217,8 +227,10 @@ class DetectSettings:
             if alpha is not None and not SMOOTHING_KEYS & set(override):
                 base = replace(base, smoothing="ema", ema_alpha=alpha)
         settings = _off_below_on(replace(base, **override), override)
+        where = f"detect.targets.{name}" if name in self.overrides else "detect.defaults"
+        settings.check_values(where)  # a value wrong in itself (1.5, "high"): the model's thresholds are not why
         try:
-            settings.check(f"detect.targets.{name}" if name in self.overrides else "detect.defaults")
+            settings.check(where)
         except StreamerError as exc:
             if from_model and THRESHOLD_KEYS & set(override) != THRESHOLD_KEYS:  # one of the pair came from the model
                 raise StreamerError(f"{exc} (the model's thresholds.json gives {name} on {calibrated[name][0]:g} / "

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from streamer.errors import StreamerError
+from streamer.errors import StreamerError, text_number_hint
 from streamer.sinks.clips import ClipSettings
 from streamer.events import DetectSettings
 from streamer.sinks.journal import JOURNAL_FILE, JournalSettings
@@ -150,7 +150,8 @@ class _Checker:
         if not ok:
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             shown = "a value of another type (not shown: a secret)" if key in SECRET_KEYS else repr(value)
-            self.error(path + (key,), f"expected {names}, got {shown}")
+            self.error(path + (key,), f"expected {names}, got {shown}" + ("" if key in SECRET_KEYS or not {int, float} & set(kinds)
+                                                                             else text_number_hint(value)))
             return default
         if isinstance(value, float) and not math.isfinite(value):
             self.error(path + (key,), f"expected a finite number, got {value}")
@@ -415,7 +416,7 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
     hop_auto = raw_hop == "auto"
     hop = Config.hop
     if isinstance(raw_hop, str) and not hop_auto:
-        check.error(("hop",), f"expected a number of seconds ({HOP_MIN_S}–{HOP_MAX_S}) or auto, got {raw_hop!r}")
+        check.error(("hop",), f"expected a number of seconds ({HOP_MIN_S}–{HOP_MAX_S}) or auto, got {raw_hop!r}{text_number_hint(raw_hop)}")
     elif not hop_auto:
         hop = overrides.get("hop") or check.typed(raw, "hop", (int, float), (), Config.hop, HOP_MIN_S, HOP_MAX_S)
     if not hop_auto and abs(round(hop * 100) - hop * 100) > 1e-6:

@@ -107,12 +107,27 @@ def test_include_exclude_and_unknown_names():
     assert [t.name for t in smoother.targets] == ["Smoke detector, smoke alarm", "Dog"]
     with pytest.raises(StreamerError, match="no label 'Cat'"):
         run([0.0], groups={"pets": ["Dog", "Cat"]})
-    with pytest.raises(StreamerError, match="no such target"):
-        run([0.0], include=["Dog"], targets={"Siren": {"hold": 1}})
     with pytest.raises(StreamerError, match="did you mean 'on_threshold'"):
         run([0.0], defaults={"on_treshold": 0.3})
     with pytest.raises(StreamerError, match="outside 0..1"):
         run([0.0], defaults={"on_threshold": 1.5})
+    # a label the model has that include leaves out: said so, with the fix (it was "excluded/unknown")
+    with pytest.raises(StreamerError, match="Siren: a label of the model, but not a target: detect.include does not take it"):
+        run([0.0], include=["Dog"], targets={"Siren": {"hold": 1}})
+    with pytest.raises(StreamerError, match="Parrot: no such target: neither a group nor a label of the model"):
+        run([0.0], include=["Dog"], targets={"Parrot": {"hold": 1}})
+    with pytest.raises(StreamerError, match="on_threshold 0 would hold the target ON whatever it hears"):
+        run([0.0], defaults={"on_threshold": 0, "off_threshold": 0})
+
+
+def test_a_threshold_wrong_in_itself_is_not_blamed_on_the_model_s_thresholds():
+    calibrated = {"Dog": (0.6, 0.42)}
+    for value, said in ((1.5, "on_threshold=1.5 is outside 0..1"), ("high", "on_threshold must be a finite number")):
+        with pytest.raises(StreamerError, match=said) as caught:
+            DetectSettings.from_dict({"include": ["Dog"], "targets": {"Dog": {"on_threshold": value}}}).targets(tuple(LABELS), calibrated)
+        assert "thresholds.json" not in str(caught.value)
+    with pytest.raises(StreamerError, match="the model's thresholds.json gives Dog on 0.6 / off 0.42"):  # the pair's order: it is
+        DetectSettings.from_dict({"include": ["Dog"], "targets": {"Dog": {"off_threshold": 0.7}}}).targets(tuple(LABELS), calibrated)
     # nothing left to detect is an error, not a daemon that stays silent; a pattern matching nothing is named
     with pytest.raises(StreamerError, match=r"no targets: detect.include \['Cat'\] matches none of the model's"):
         run([0.0], include=["Cat"])
@@ -169,12 +184,12 @@ def test_detect_writes_events_jsonl(tiny_checkpoint, tmp_path):
     wav = write_wav(tmp_path / "scene.wav", samples)
     label = hf.config.id2label[0]
     config = tmp_path / "streamer.yaml"
-    config.write_text(json.dumps({"detect": {"include": [label], "defaults": {"on_threshold": 0.0, "off_threshold": 0.0, "hold": 0.0}}}))
+    config.write_text("detect:\n  include: [" + json.dumps(label) + "]\n  defaults: {on_threshold: 0.000001, off_threshold: 0.0, hold: 0.0}\n")
     out = tmp_path / "events.jsonl"
     result = run_cli("detect", str(wav), "--model", str(directory), "--hop", "0.25", "--events-out", str(out), "--config", str(config))
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    # on_threshold 0: ON at the first window, closed at the end of the file
+    # on_threshold 0.000001: ON at the first window, closed at the end of the file
     assert [(e["state"], e["target"], e["closed_by"]) for e in lines] == [("ON", label, None), ("OFF", label, "stream-end")]
     assert lines[0]["start_sample"] == 0 and lines[0]["stream"] == "scene" and lines[0]["file"] == str(wav)
     assert lines[1]["end_sample"] > lines[1]["start_sample"]
@@ -233,3 +248,16 @@ def test_rounds_keep_each_streams_windows_in_order():
     assert rounds([0, 1, 2]) == [[0, 1, 2]]
     assert rounds([0, 0, 1, 0, 1]) == [[0, 2], [1, 4], [3]]
     assert rounds([]) == []
+
+
+def test_a_number_yaml_reads_as_text_is_named_with_how_to_write_it(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-3 as the text "1e-3": the error says so and gives the decimal."""
+    from streamer.settings import load_config
+
+    config = tmp_path / "streamer.yaml"
+    config.write_text("sources: [{name: a, type: file, path: x.wav}]\nhop: '0.5'\ndetect:\n  defaults: {on_threshold: 1e-3}\n")
+    with pytest.raises(StreamerError) as caught:
+        load_config(config)
+    said = str(caught.value)
+    assert "YAML reads 1e-3 as text: write it as a decimal, e.g. 0.001" in said
+    assert "got '0.5' (a number in quotes is text: drop the quotes)" in said  # every problem at once

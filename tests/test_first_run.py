@@ -85,9 +85,17 @@ def test_check_config_checks_targets_and_groups_against_the_model(tmp_path, tiny
     weights.write_bytes(weights.read_bytes()[:100])
     cut = run_cli("check-config", str(config({"include": [labels[0]]})))
     assert cut.returncode == 2 and "not a valid safetensors file" in cut.stderr and "Traceback" not in cut.stderr
-    unknown = run_cli("check-config", str(config({"include": ["x"]}, model=str(tmp_path / "missing-model"))),
-                      env={"HF_HUB_OFFLINE": "1"})
+    missing = run_cli("check-config", str(config({"include": ["x"]}, model=str(tmp_path / "missing-model"))),
+                      env={"HF_HUB_OFFLINE": "1"})  # a folder that is not there: `run` would refuse it, so does the check
+    assert missing.returncode == 2 and "model.path: model" in missing.stderr and "no such directory" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    (tmp_path / "not-a-model").mkdir()
+    empty = run_cli("check-config", str(config({"include": ["x"]}, model=str(tmp_path / "not-a-model"))))
+    assert empty.returncode == 2 and "config.json" in empty.stderr and "Traceback" not in empty.stderr
+    unknown = run_cli("check-config", str(config({"include": ["x"]}, model="someone/some-model")),
+                      env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})  # a hub id not downloaded yet: run may fetch it
     assert unknown.returncode == 0 and "targets not checked" in unknown.stdout  # says plainly it could not check
+    assert "nor a folder here" in unknown.stdout
 
 
 def test_a_trained_model_is_readable_by_others(tmp_path, tiny_checkpoint):
