@@ -248,7 +248,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"held-out clips as `streamer detect` scores them: clip accuracy {report['clip_accuracy']:.3f} on {report['clips']} clips "
           f"(top label right for {report['top_label_accuracy']:.3f} of the labelled ones); "
           f"in a stream: event F1 {stream['event_f1']:.2f}, false events per hour {false} "
-          f"on {stream['background_s'] / 60:.1f} min of background ({report['steps']} steps, {report['seconds']:.0f} s); model in {args.out}")
+          f"on {stream['background_s'] / 60:.1f} min of background (held-out recordings and the gaps between held-out clips; "
+          f"{report['steps']} steps, {report['seconds']:.0f} s); model in {args.out}")
     for name, r in report["per_label"].items():
         print(f"  {name:<20} precision {r['precision']:.2f}  recall {r['recall']:.2f}  in a stream {r['stream_recall']:.2f}  "
               f"threshold {r['on_threshold']:.3f}  ({r['clips']} clips)")

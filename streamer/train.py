@@ -98,6 +98,7 @@ MIN_CLIPS_PER_LABEL = 2  # one to train on, one held out
 STAGE_PREFIX = ".streamer-partial-"  # the hidden folder inside --out a model is written to before it is moved into place
 SPLIT_FILE = "split.json"  # the held-out files, beside the model
 STALE_FILES = (THRESHOLDS_FILE, VALIDATION_FILE, SPLIT_FILE, PICKLE_FILE)  # replaced or made wrong by a new model
+MIN_HELD_OUT_BACKGROUND_S = 60.0  # less held-out background than this says little of a room's false events per hour
 SILENT_PEAK = 1e-4  # -80 dBFS: a label's clip whose loudest sample is under this holds no sound to learn
 
 
@@ -538,7 +539,8 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
         report["verdict"] = verdict(report, step)
         report["stream_warning"] = stream_warning(report)
         report["false_alarm_warning"] = false_alarm_warning(report)
-        report["background_warning"] = background_warning(len(train_data.background), len(held.background_clips + held.background_streams))
+        report["background_warning"] = background_warning(len(train_data.background), len(held.background_clips + held.background_streams),
+                                                          val_bg_s)
         with writing(out_dir):
             (stage / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
             written = sorted(f.name for f in stage.iterdir())
@@ -598,11 +600,17 @@ def _remove_empty(out_dir: Path, first_new: Path | None) -> None:
             return
 
 
-def background_warning(trained_on: int, held_out: int) -> str | None:
-    """One line when no background recording was held out: the thresholds were then chosen on
-    the silence between the held-out clips, and say nothing of the room's false events."""
-    if held_out:
+def background_warning(trained_on: int, held_out: int, held_out_s: float = 0.0) -> str | None:
+    """One line when no background recording was held out, or too little to say anything: the
+    thresholds were then chosen on (nearly) the silence between the held-out clips, and say
+    little of the room's false events."""
+    if held_out and held_out_s >= MIN_HELD_OUT_BACKGROUND_S:
         return None
+    if held_out:
+        why = f"only {held_out_s:.0f} s of background held out (from short clips)"
+        return (f"warning: {why}: thresholds were chosen on so little of the room that false events in it are a guess; fix: "
+                "record the room as it sounds without your sounds (`streamer record mic background/room.wav --minutes 20`, "
+                "several recordings) and train with --background background/")
     why = ("no background recordings" if not trained_on else
            f"only {trained_on} background recording(s), none left to hold out (one of every 5 is)")
     return (f"warning: {why}: thresholds were chosen on silence, so expect false events in a real room; fix: record the room "
@@ -621,7 +629,7 @@ def base_thresholds(loaded: LoadedModel, hop_s: float, progress: Callable[[str],
     if not loaded.thresholds:
         return {}
     if loaded.thresholds_hop_s is not None and abs(loaded.thresholds_hop_s - hop_s) >= HOP_TOLERANCE_S:
-        progress(f"the base model's thresholds for its {len(loaded.thresholds)} label(s) were chosen at hop {loaded.thresholds_hop_s:g} s, "
+        progress(f"warning: the base model's thresholds for its {len(loaded.thresholds)} label(s) were chosen at hop {loaded.thresholds_hop_s:g} s, "
                  f"not {hop_s:g} s: not kept (those labels use the config's or the shipped thresholds); "
                  f"fix: train with --hop {loaded.thresholds_hop_s:g}")
         return {}

@@ -117,7 +117,7 @@ def test_training_with_a_base_model_keeps_its_labels(tmp_path, tiny_checkpoint):
     other_hop = run_cli("train", str(data), "--out", str(tmp_path / "hop"), "--base", str(base_dir), "--steps", "5", "--batch", "8",
                         "--hop", "0.5")
     assert other_hop.returncode in (0, EXIT_UNUSABLE_MODEL), other_hop.stderr
-    assert "chosen at hop 1 s, not 0.5 s: not kept" in other_hop.stdout and "--hop 1" in other_hop.stdout
+    assert "warning: the base model's thresholds for its" in other_hop.stdout and "chosen at hop 1 s, not 0.5 s: not kept" in other_hop.stdout and "--hop 1" in other_hop.stdout
     assert set(load_model(tmp_path / "hop").thresholds) == {"beep", "doorbell"}
 
 
@@ -691,7 +691,8 @@ def test_a_disk_that_fills_up_while_the_model_is_saved_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("streamer: error: --out") and "free space" in result.stderr
 
 
-@pytest.mark.parametrize("recordings, said", [(0, "no background recordings"), (1, "only 1 background recording(s), none left to hold out")])
+@pytest.mark.parametrize("recordings, said", [(0, "no background recordings"), (1, "only 1 background recording(s), none left to hold out"),
+                                              (6, "s of background held out (from short clips): thresholds were chosen on so little")])
 def test_thresholds_chosen_without_held_out_background_are_a_warning_with_the_fix(tmp_path, recordings, said):
     data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0}, clips=3, background=recordings)
     result = run_cli("train", str(data), "--out", str(tmp_path / "m"), "--steps", "2", "--batch", "4")
