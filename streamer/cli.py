@@ -361,6 +361,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from streamer.inference.engine import InferenceEngine
     from streamer.model import load_model
     from streamer.model.thresholds import hop_mismatch
+    from streamer.features.fbank import window_samples
+    from streamer.inference.capacity import gap_warning
     from streamer.constants import SAMPLE_RATE_HZ
 
     inputs = {p.resolve() for p in args.audio}
@@ -384,6 +386,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         log.warning("detect.include %r matches none of the model's labels", pattern)
     if settings.calibrated_targets(targets, engine.loaded.thresholds) and (
             line := hop_mismatch(str(args.model), engine.loaded.thresholds_hop_s, args.hop / 100)):
+        log.warning(line)
+    if line := gap_warning(window_samples(engine.loaded.features.max_length) / SAMPLE_RATE_HZ, args.hop / 100):
         log.warning(line)
 
     def show(index: int, start_sample: int, row) -> None:

@@ -22,7 +22,9 @@ from pathlib import Path
 from dataclasses import fields, replace
 
 from streamer.capture.sources import MicSource, make_source
+from streamer.constants import SAMPLE_RATE_HZ
 from streamer.detect import hop_to_frames
+from streamer.features.fbank import window_samples
 from streamer.events import Event
 from streamer.inference.engine import InferenceEngine
 from streamer.model import load_model
@@ -284,6 +286,8 @@ class Daemon:
                                         auto_precision=cfg.model.precision == "auto"):
             log.warning(line)
         if line := hop_mismatch(str(cfg.model.path), calibrated, hop):
+            log.warning(line)
+        if line := capacity.gap_warning(window_samples(self.engine.loaded.features.max_length) / SAMPLE_RATE_HZ, hop):
             log.warning(line)
         return hop
 

@@ -51,6 +51,7 @@ from streamer.capture.files import MAX_ABS_SAMPLE, read_audio
 from streamer.constants import SAMPLE_RATE_HZ
 from streamer.errors import StreamerError
 from streamer.features.fbank import log_mel, window_samples
+from streamer.inference.capacity import gap_warning
 from streamer.model.ast import AudioSpectrogramTransformer
 from streamer.model.checkpoint import PICKLE_FILE, LoadedModel, load_model, save_checkpoint
 from streamer.model.config import ASTConfig, FeatureConfig
@@ -443,6 +444,8 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     else:
         feat = FeatureConfig(max_length=settings.max_length)
     span = window_samples(feat.max_length)
+    if line := gap_warning(span / SAMPLE_RATE_HZ, settings.hop_s):  # thresholds chosen for a stream that is mostly unheard
+        progress(f"warning: {line}")
 
     if not base:  # normalisation from the training data (features of plain clips over background)
         sample = [Mixer(train_data, span, settings, rng).example(c) for c, _, _ in train_data.clips[:NORMALISATION_EXAMPLES]]

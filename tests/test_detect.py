@@ -208,3 +208,17 @@ def test_bad_hop_is_a_usage_error(model_dir, clip):
     result = run_cli("detect", str(clip), "--model", str(model_dir), "--hop", "0.015")
     assert result.returncode == 2
     assert "multiple of 0.01" in result.stderr
+
+
+def test_a_hop_longer_than_the_model_s_window_is_a_warning_with_the_unheard_share(tiny_checkpoint, tmp_path):
+    """A model with 1.3 s windows at hop 5 s scores a quarter of the audio: said, with the fix."""
+    from streamer.inference.capacity import gap_warning
+
+    directory, _ = tiny_checkpoint(max_length=128)
+    wav = write_wav(tmp_path / "a.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 12).astype(np.float32))
+    slow = run_cli("detect", str(wav), "--model", str(directory), "--device", "cpu", "--hop", "5")
+    assert slow.returncode == 0 and "hop 5 s is longer than the model's 1.295 s window: 74% of the audio is never scored" in slow.stderr
+    assert "fix: a hop of at most 1.29 s" in slow.stderr
+    fine = run_cli("detect", str(wav), "--model", str(directory), "--device", "cpu", "--hop", "1")
+    assert fine.returncode == 0 and "never scored" not in fine.stderr
+    assert gap_warning(10.245, 10.0) is None and gap_warning(1.295, 1.29) is None

@@ -97,3 +97,14 @@ def hop_warning(seconds_per_window: float, streams: int, hop: float, max_batch: 
 def _duration(seconds: float) -> str:
     """A compute time as people read it: 1.95 s, 3.2 ms."""
     return f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds * 1000:.2g} ms"
+
+
+def gap_warning(window_s: float, hop_s: float) -> str | None:
+    """One line when the hop is longer than the model's window: the audio between two windows
+    is never scored, so a short sound that falls there is missed whatever the thresholds (a
+    model trained with 1.28 s windows run at the AudioSet model's hop of 5 s hears a quarter)."""
+    if hop_s <= window_s + 1e-9:
+        return None
+    unheard = 1.0 - window_s / hop_s
+    return (f"hop {hop_s:g} s is longer than the model's {window_s:g} s window: {unheard:.0%} of the audio is never scored, and a "
+            f"short sound there is missed; fix: a hop of at most {math.floor(window_s * 100) / 100:g} s")
