@@ -298,6 +298,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.out.parent.exists() and not args.out.parent.is_dir():
         raise StreamerError(f"{args.out}: {args.out.parent} is a file, not a folder")
     spec = source_from_spec(args.source)
+    if spec.type == "file" and not Path(spec.path).is_file():  # said once here, not by the source's log and again after it
+        raise StreamerError(f"{spec.path}: no such file")
     if getattr(spec, "path", None) and Path(spec.path).resolve() == args.out.resolve():
         raise StreamerError(f"{args.out}: that is the file being recorded from; give another output file")
     if args.out.is_file():  # a take of clips/doorbell/01.wav recorded twice: the first is not lost without a word
@@ -381,7 +383,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
     labels = engine.labels
 
     settings = load_detect_settings(args.config) if args.config else DetectSettings()
-    targets = settings.targets(labels, engine.loaded.thresholds) if args.events_out else []
+    try:  # checked against the model whenever a config is given, not only when its events are wanted
+        targets = settings.targets(labels, engine.loaded.thresholds) if args.events_out or args.config else []
+    except StreamerError as exc:
+        raise StreamerError(f"{args.config}: {exc}" if args.config else str(exc)) from None
+    targets = targets if args.events_out else []
     for pattern in settings.unmatched(labels) if args.events_out else []:
         log.warning("detect.include %r matches none of the model's labels", pattern)
     if settings.calibrated_targets(targets, engine.loaded.thresholds) and (

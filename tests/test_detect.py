@@ -222,3 +222,15 @@ def test_a_hop_longer_than_the_model_s_window_is_a_warning_with_the_unheard_shar
     fine = run_cli("detect", str(wav), "--model", str(directory), "--device", "cpu", "--hop", "1")
     assert fine.returncode == 0 and "never scored" not in fine.stderr
     assert gap_warning(10.245, 10.0) is None and gap_warning(1.295, 1.29) is None
+
+
+def test_a_detect_config_is_checked_against_the_model_and_named_in_its_error(tiny_checkpoint, tmp_path):
+    """Without --events-out the config's targets were never built, so a broken one passed in silence."""
+    directory, hf = tiny_checkpoint(max_length=128, num_labels=3)
+    wav = write_wav(tmp_path / "a.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 2).astype(np.float32))
+    config = tmp_path / "streamer.yaml"
+    config.write_text("detect:\n  include: ['" + hf.config.id2label[0] + "']\n  targets: {Parrot: {hold: 1}}\n")
+    result = run_cli("detect", str(wav), "--model", str(directory), "--device", "cpu", "--config", str(config))
+    assert result.returncode == 1 and f"streamer: error: {config}: detect.targets.Parrot: no such target" in result.stderr, result.stderr
+    missing = run_cli("record", f"file:{tmp_path / 'nope.wav'}", str(tmp_path / "x.wav"), "--seconds", "1")
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [f"streamer: error: {tmp_path / 'nope.wav'}: no such file"]
