@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -377,12 +378,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
             raise StreamerError(f"{out}: the directory {out.parent} does not exist")
         if out and out.is_dir():  # found now, not after the scoring
             raise StreamerError(f"{out}: a folder; give a file name (e.g. {out / 'events.jsonl'})")
+    settings = load_detect_settings(args.config) if args.config else DetectSettings()  # a broken config fails before the model loads
     engine = InferenceEngine(
         load_model(args.model), device=args.device, precision=args.precision, max_batch=args.batch, threads=args.threads
     )
     labels = engine.labels
 
-    settings = load_detect_settings(args.config) if args.config else DetectSettings()
     try:  # checked against the model whenever a config is given, not only when its events are wanted
         targets = settings.targets(labels, engine.loaded.thresholds) if args.events_out or args.config else []
     except StreamerError as exc:
@@ -396,9 +397,17 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if line := gap_warning(window_samples(engine.loaded.features.max_length) / SAMPLE_RATE_HZ, args.hop / 100):
         log.warning(line)
 
+    closed = []
+
     def show(index: int, start_sample: int, row) -> None:
+        if closed:
+            return
         top = ", ".join(f"{name} {p:.2f}" for name, p in top_labels(row, labels, args.top_k))
-        print(f"{args.audio[index]}\t{start_sample / SAMPLE_RATE_HZ:8.2f}s\t{top}", flush=True)
+        try:
+            print(f"{args.audio[index]}\t{start_sample / SAMPLE_RATE_HZ:8.2f}s\t{top}", flush=True)
+        except BrokenPipeError:  # `| head`: stop printing, keep scoring — --scores-out and --events-out still get every window
+            closed.append(True)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush into the closed pipe at exit
 
     results = score_files(args.audio, engine, args.hop, targets, on_window=show)
     if args.events_out:
@@ -411,16 +420,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 def load_detect_settings(path: Path):
     """The ``detect`` section of a YAML config file (or a file holding only that section)."""
-    import yaml
-
     from streamer.events import DetectSettings
+    from streamer.settings import read_yaml
 
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise StreamerError(f"{path}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise StreamerError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+    raw, _ = read_yaml(path)
     if isinstance(raw, dict) and "detect" in raw:
         raw = raw["detect"]
     return DetectSettings.from_dict(raw, where=f"{path}: detect")

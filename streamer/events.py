@@ -77,8 +77,6 @@ class TargetSettings:
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise StreamerError(f"{where}: {key}={value} is outside 0..1")
-        if self.on_threshold == 0.0:  # every score is >= 0: ON from the first window, for ever
-            raise StreamerError(f"{where}: on_threshold 0 would hold the target ON whatever it hears; give a value above 0 (up to 1)")
         for key in ("min_on", "hold", "cooldown"):
             if getattr(self, key) < 0:
                 raise StreamerError(f"{where}: {key} must not be negative")

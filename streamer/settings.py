@@ -31,6 +31,7 @@ HOP_MIN_S, HOP_MAX_S = 0.1, 10.0
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8", "onnx-fp32", "onnx-int8", "onnx-int8-all")  # as inference.engine.PRECISIONS
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KiB; anything past 1 MiB is a mistake (or /dev/zero)
+MAX_CONFIG_VALUES = 100_000  # keys and items, aliases expanded: a config has hundreds (a YAML bomb, billions)
 STATE_DIR_DEFAULT = "state"  # relative to $STATE_DIRECTORY (systemd) or to the config file's directory
 MQTT_MAX_BYTES = 65_535  # an MQTT string (topic, client id) is at most this many bytes of UTF-8
 MQTT_NAME_ROOM = 1_024  # a name is part of longer topics: leave this much room for the rest
@@ -300,8 +301,17 @@ def read_config_text(path: Path) -> str:
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
 
 
+class _TooManyValues(Exception):
+    """A config that names more than ``MAX_CONFIG_VALUES`` values."""
+
+
 def _line_map(node, path=(), out=None) -> dict[tuple, int]:
+    """The line of every key and item. Counts what it walks: YAML aliases can make a 2 KB file
+    name billions of values (nine lists of nine aliases, nine deep), and a config that big is
+    refused before anything walks it whole (``MAX_CONFIG_VALUES``)."""
     out = {} if out is None else out
+    if len(out) > MAX_CONFIG_VALUES:
+        raise _TooManyValues
     out[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
@@ -339,18 +349,34 @@ def _max_batch(m: dict, check: _Checker) -> int | None:
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate a config file; command-line ``overrides`` win over its keys."""
+    raw, lines = read_yaml(path)
+    return parse_config(raw or {}, str(path), lines, overrides, base_dir=path.resolve().parent)
+
+
+def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
+    """A config file's values and the line of each, every fault one :class:`ConfigError` line:
+    at most ``MAX_CONFIG_BYTES``, UTF-8, valid YAML, at most ``MAX_CONFIG_VALUES`` values with
+    its aliases expanded, and not nested past Python's recursion limit."""
     text = read_config_text(path)
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # one parse (libyaml when present) for lines and values
     try:
         node = loader.get_single_node()
+        lines = _line_map(node) if node else {}  # before constructing: it bounds what the aliases expand to
         raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f"{mark.line + 1}" if mark else "?"
         raise ConfigError([f"{path}:{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to be a config"]) from None
+    except _TooManyValues:
+        raise ConfigError([f"{path}: names more than {MAX_CONFIG_VALUES} values (YAML aliases repeating its parts?); "
+                           f"a config needs far fewer: write it out plainly"]) from None
+    except ValueError as exc:  # an integer of thousands of digits: Python's limit on converting them
+        raise ConfigError([f"{path}: a value it cannot read ({exc})"]) from None
     finally:
         loader.dispose()
-    return parse_config(raw or {}, str(path), _line_map(node) if node else {}, overrides, base_dir=path.resolve().parent)
+    return raw, lines
 
 
 def parse_config(raw: Any, source: str = "config", lines: dict | None = None, overrides: dict | None = None,

@@ -116,8 +116,6 @@ def test_include_exclude_and_unknown_names():
         run([0.0], include=["Dog"], targets={"Siren": {"hold": 1}})
     with pytest.raises(StreamerError, match="Parrot: no such target: neither a group nor a label of the model"):
         run([0.0], include=["Dog"], targets={"Parrot": {"hold": 1}})
-    with pytest.raises(StreamerError, match="on_threshold 0 would hold the target ON whatever it hears"):
-        run([0.0], defaults={"on_threshold": 0, "off_threshold": 0})
 
 
 def test_a_threshold_wrong_in_itself_is_not_blamed_on_the_model_s_thresholds():

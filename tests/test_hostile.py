@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from conftest import REPO, run_cli, write_wav
 from mqtt_helpers import Broker, Subscriber, wait_for
 from streamer.capture.files import read_audio
+from streamer.features.fbank import window_samples
 from streamer.capture.sources import Backoff, FfmpegSource, SourceState
 from streamer.settings import JOURNAL_KEYS, MODEL_KEYS, MQTT_KEYS, SECTIONS, SOURCE_KEYS, TLS_KEYS, Config, ConfigError, load_config
 from streamer.errors import StreamerError
@@ -478,3 +479,66 @@ def test_a_fifo_swapped_in_after_the_check_cannot_block(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="FIFO"):
         load_config(path)
     assert time.monotonic() - t0 < 1.0
+
+
+# -- found by a hostile pass in session 11 ---------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["bomb", "deep", "digits"])
+def test_a_config_that_expands_nests_or_counts_past_reason_is_one_line(tmp_path, kind):
+    """Nine lists of nine aliases nine deep (a 2 KB file) reached 5 GB before it was killed; 5000
+    levels of brackets and a 5000-digit number were internal errors. Each is one line, exit 2,
+    from check-config and from detect --config alike."""
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
+    text = {"bomb": "detect:\n  " + "\n  ".join(lines) + "\n", "deep": "x: " + "[" * 5000 + "]" * 5000 + "\n",
+            "digits": "sources: [{name: a, type: file, path: x.wav}]\nring_seconds: " + "9" * 5000 + "\n"}[kind]
+    said = {"bomb": "names more than 100000 values", "deep": "nested too deeply", "digits": "a value it cannot read"}[kind]
+    path = tmp_path / "streamer.yaml"
+    path.write_text(text)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=said):
+        load_config(path)
+    assert time.monotonic() - t0 < 5.0
+    audio = write_wav(tmp_path / "a.wav", np.zeros(16000, np.float32))
+    for args in (["check-config", str(path)], ["detect", str(audio), "--config", str(path)]):
+        result = run_cli(*args, timeout=120)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"streamer: error: {path}: " + result.stderr.split(f"{path}: ", 1)[1].strip()]
+        assert said in result.stderr and "Traceback" not in result.stderr and "internal error" not in result.stderr
+
+
+def test_a_model_file_nested_too_deeply_is_a_checkpoint_error(tmp_path, tiny_checkpoint):
+    directory, _ = tiny_checkpoint()
+    (directory / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = run_cli("labels", str(directory))
+    assert result.returncode == 1 and "config.json: not readable JSON (nested too deeply)" in result.stderr
+    assert "internal error" not in result.stderr
+
+
+def test_detect_into_a_closed_pipe_stops_printing_and_writes_every_window(tmp_path, tiny_checkpoint):
+    """`streamer detect … | head -1`: the printing thread's BrokenPipeError was ~16 tracebacks and
+    an --scores-out with 17 of 121 windows. Now it stops printing and the files are whole."""
+    directory, _ = tiny_checkpoint(max_length=128)
+    audio = write_wav(tmp_path / "long.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 30).astype(np.float32))
+    scores, events = tmp_path / "s.npz", tmp_path / "e.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "detect", str(audio), "--model", str(directory), "--device", "cpu",
+                             "--hop", "0.25", "--scores-out", str(scores), "--events-out", str(events)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and "Traceback" not in err and "Broken pipe" not in err, err
+    assert len(np.load(scores)["start_sample"]) == 1 + (30 * 16000 - window_samples(128)) // 4000
+    assert events.is_file()
+
+
+def test_a_pipe_or_device_given_as_an_audio_file_is_refused_at_once(tmp_path, tiny_checkpoint):
+    """A FIFO was opened twice (info, then decoding): detect hung for ever, and a writer died of SIGPIPE."""
+    fifo = tmp_path / "fifo.wav"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(StreamerError, match="not a regular file"):
+            read_audio(path)
+    directory, _ = tiny_checkpoint()
+    result = run_cli("detect", str(fifo), "--model", str(directory), "--device", "cpu", timeout=60)
+    assert result.returncode == 1 and f"{fifo}: not a regular file (a pipe or a device)" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -50,6 +50,9 @@ def _open(path: Path) -> sf.SoundFile:
         raise AudioError(f"{path}: no such file")
     if path.is_dir():
         raise AudioError(f"{path}: is a directory, not an audio file")
+    if not path.is_file():  # a FIFO is opened twice (info, then decoding) and would block for ever; a device never ends
+        raise AudioError(f"{path}: not a regular file (a pipe or a device); save the audio to a file, or stream it "
+                         f"with an ffmpeg source (type: ffmpeg)")
     try:
         return sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as exc:

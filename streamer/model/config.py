@@ -253,3 +253,7 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not readable JSON ({exc})") from None
+    except RecursionError:  # [[[[… a hundred thousand deep: no model's file is
+        raise CheckpointError(f"{path}: not readable JSON (nested too deeply)") from None
+    except ValueError as exc:  # an integer of thousands of digits (Python's limit on converting them)
+        raise CheckpointError(f"{path}: not readable JSON ({exc})") from None
