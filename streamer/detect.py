@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.capture.files import audio_info, iter_audio
+from streamer.capture.files import MAX_ABS_SAMPLE, audio_info, iter_audio
 from streamer.capture.sources import FileSource
 from streamer.errors import StreamerError
 from streamer.features.fbank import FRAME_SHIFT
@@ -102,6 +102,9 @@ def score_files(
     for source in sources:
         if source.state.value == "failed":
             raise StreamerError(source.error or f"{source.describe()}: cannot be read")
+        if source.stats.nonfinite:  # counted by the daemon's metrics; a command has only its log to say it
+            log.warning("%s: %d sample(s) were NaN, infinite or beyond ±%g and were replaced before scoring (the file is damaged)",
+                        source.path, source.stats.nonfinite, MAX_ABS_SAMPLE)
     pipeline.close_events("stream-end")
     labels = len(engine.labels)
     return [FileScores(path=str(p), start_sample=np.asarray(starts[i], dtype=np.int64),

@@ -542,3 +542,39 @@ def test_a_pipe_or_device_given_as_an_audio_file_is_refused_at_once(tmp_path, ti
     result = run_cli("detect", str(fifo), "--model", str(directory), "--device", "cpu", timeout=60)
     assert result.returncode == 1 and f"{fifo}: not a regular file (a pipe or a device)" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda c, p: c["id2label"].update({"1": "cough\nFAKE LINE"}), "holds control characters"),
+    (lambda c, p: c["id2label"].update({"1": c["id2label"]["0"]}), "each label needs its own name"),
+    (lambda c, p: c["id2label"].update({"-0": "x"}), "written plainly"),
+    (lambda c, p: c["id2label"].update({"1": "   "}), "non-empty strings"),
+    (lambda c, p: p.clear() or p.update({"std": 1e-320}), "are not log-mel statistics"),
+    (lambda c, p: p.clear() or p.update({"mean": 1e308}), "are not log-mel statistics"),
+    (lambda c, p: None, "expected a JSON object"),  # preprocessor_config.json holding []
+])
+def test_model_files_that_forge_output_or_silently_break_scores_are_refused(tmp_path, tiny_checkpoint, change, said):
+    """A label with a newline forged `detect` lines; two labels of one name; a std of 1e-320 gave
+    NaN for every score with exit 0; a preprocessor file of [] was taken as "no file"."""
+    directory, _ = tiny_checkpoint(num_labels=3)
+    config = json.loads((directory / "config.json").read_text())
+    pre = {"mean": -4.0, "std": 4.0}
+    change(config, pre)
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "preprocessor_config.json").write_text(json.dumps(pre if said != "expected a JSON object" else []))
+    result = run_cli("labels", str(directory))
+    assert result.returncode == 1 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "FAKE LINE" not in result.stdout
+
+
+def test_damaged_samples_in_a_detected_file_are_a_warning_with_their_count(tmp_path, tiny_checkpoint):
+    directory, _ = tiny_checkpoint(max_length=128)
+    samples = np.random.default_rng(0).normal(0, 0.1, 16000 * 2).astype(np.float32)
+    samples[100:200], samples[300] = np.nan, np.inf
+    path = tmp_path / "nan.wav"
+    import soundfile as sf
+    sf.write(path, samples, 16000, subtype="FLOAT")
+    result = run_cli("detect", str(path), "--model", str(directory), "--device", "cpu")
+    assert result.returncode == 0 and "101 sample(s) were NaN, infinite or beyond" in result.stderr, result.stderr
+    clean = run_cli("detect", str(write_wav(tmp_path / "ok.wav", np.where(np.isfinite(samples), samples, 0))), "--model", str(directory), "--device", "cpu")
+    assert clean.returncode == 0 and "were NaN" not in clean.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,11 +191,25 @@ def _labels(raw: dict[str, Any], source: str) -> tuple[str, ...]:
         indexed = {int(k): v for k, v in id2label.items()}
     except (TypeError, ValueError):
         raise CheckpointError(f"{source}: id2label keys must be class indices") from None
+    if any(str(int(k)) != k for k in id2label):  # "-0" or " 1" would silently replace another class's name
+        raise CheckpointError(f"{source}: id2label keys must be class indices written plainly (0, 1, …), got {next(k for k in id2label if str(int(k)) != k)!r}")
     if sorted(indexed) != list(range(len(indexed))):
         raise CheckpointError(f"{source}: id2label must number its classes 0..{len(indexed) - 1} without gaps")
-    if not all(isinstance(v, str) and v for v in indexed.values()):
+    if not all(isinstance(v, str) and v.strip() for v in indexed.values()):
         raise CheckpointError(f"{source}: id2label values must be non-empty strings")
+    if any(unicodedata.category(c) == "Cc" for v in indexed.values() for c in v):  # a newline forges output lines, ESC paints a terminal
+        bad = next(i for i, v in indexed.items() if any(unicodedata.category(c) == "Cc" for c in v))
+        raise CheckpointError(f"{source}: label {bad} ({indexed[bad]!r}) holds control characters (a newline, an escape)")
+    seen: dict[str, int] = {}
+    for i in range(len(indexed)):
+        if indexed[i] in seen:  # targets and MQTT topics are named by label: two classes of one name cannot be told apart
+            raise CheckpointError(f"{source}: labels {seen[indexed[i]]} and {i} are both {indexed[i]!r}; each label needs its own name")
+        seen[indexed[i]] = i
     return tuple(indexed[i] for i in range(len(indexed)))
+
+
+FEATURE_STD_RANGE = (1e-3, 1e3)  # a log-mel std (AudioSet's is 4.6): outside this the normalised input overflows or is noise
+FEATURE_MEAN_MAX = 1e3  # |mean| of log-mel values (AudioSet's is -4.3)
 
 
 @dataclass(frozen=True)
@@ -211,7 +226,7 @@ class FeatureConfig:
     @classmethod
     def for_model(cls, model: ASTConfig, raw: dict[str, Any] | None, source: str) -> "FeatureConfig":
         """Features for ``model``: the preprocessor's mean/std when given, else AudioSet's."""
-        raw = raw or {}
+        raw = {} if raw is None else raw  # no file; a file of [], null or 0 is not "no file"
         if not isinstance(raw, dict):
             raise CheckpointError(f"{source}: expected a JSON object")
         rate = raw.get("sampling_rate", SAMPLE_RATE_HZ)
@@ -230,6 +245,11 @@ class FeatureConfig:
             values[key] = float(value)
         if values["std"] <= 0:
             raise CheckpointError(f"{source}: std must be positive, got {values['std']}")
+        # log-mel features lie within tens of their mean: a std of 1e-320 or a mean of 1e308
+        # turns every score into NaN, a model that can never fire and never says so
+        if not FEATURE_STD_RANGE[0] <= values["std"] <= FEATURE_STD_RANGE[1] or abs(values["mean"]) > FEATURE_MEAN_MAX:
+            raise CheckpointError(f"{source}: mean {values['mean']:g} / std {values['std']:g} are not log-mel statistics "
+                                  f"(AudioSet's: {AUDIOSET_MEAN} / {AUDIOSET_STD}); the file is damaged or not an AST preprocessor's")
         do_normalize = raw.get("do_normalize", True)
         if not isinstance(do_normalize, bool):
             raise CheckpointError(f"{source}: do_normalize must be true or false")
