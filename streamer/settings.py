@@ -305,6 +305,10 @@ class _TooManyValues(Exception):
     """A config that names more than ``MAX_CONFIG_VALUES`` values."""
 
 
+class _DuplicateKey(Exception):
+    """A key given twice in one mapping: (dotted key, first line, second line)."""
+
+
 def _line_map(node, path=(), out=None) -> dict[tuple, int]:
     """The line of every key and item. Counts what it walks: YAML aliases can make a 2 KB file
     name billions of values (nine lists of nine aliases, nine deep), and a config that big is
@@ -314,6 +318,11 @@ def _line_map(node, path=(), out=None) -> dict[tuple, int]:
         raise _TooManyValues
     out[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for key, _ in node.value:  # YAML keeps the last of two equal keys without a word: `hop: 1` … `hop: 2`
+            if isinstance(key, yaml.ScalarNode) and key.value in first and key.value != "<<":
+                raise _DuplicateKey(".".join(map(str, path + (key.value,))), first[key.value], key.start_mark.line + 1)
+            first.setdefault(key.value, key.start_mark.line + 1)
         for key, value in node.value:
             out[path + (key.value,)] = key.start_mark.line + 1
             _line_map(value, path + (key.value,), out)
@@ -369,6 +378,10 @@ def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
         raise ConfigError([f"{path}:{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
     except RecursionError:
         raise ConfigError([f"{path}: nested too deeply to be a config"]) from None
+    except _DuplicateKey as exc:
+        key, first, second = exc.args
+        raise ConfigError([f"{path}:{second}: {key}: given twice (first on line {first}); YAML would keep only this one: "
+                           f"remove one"]) from None
     except _TooManyValues:
         raise ConfigError([f"{path}: names more than {MAX_CONFIG_VALUES} values (YAML aliases repeating its parts?); "
                            f"a config needs far fewer: write it out plainly"]) from None

@@ -578,3 +578,18 @@ def test_damaged_samples_in_a_detected_file_are_a_warning_with_their_count(tmp_p
     assert result.returncode == 0 and "101 sample(s) were NaN, infinite or beyond" in result.stderr, result.stderr
     clean = run_cli("detect", str(write_wav(tmp_path / "ok.wav", np.where(np.isfinite(samples), samples, 0))), "--model", str(directory), "--device", "cpu")
     assert clean.returncode == 0 and "were NaN" not in clean.stderr
+
+
+def test_a_key_given_twice_is_named_with_both_lines(tmp_path):
+    """`hop: 1.0` then `hop: 2.0` (or two `model:` blocks): YAML keeps the last without a word."""
+    path = tmp_path / "streamer.yaml"
+    path.write_text("sources: [{name: a, type: file, path: x.wav}]\nmodel: {path: a}\nhop: 1.0\ndetect:\n  include: [x]\nmodel: {path: b}\n")
+    with pytest.raises(ConfigError, match=r":6: model: given twice \(first on line 2\)"):
+        load_config(path)
+    path.write_text("sources: [{name: a, type: file, path: x.wav}]\ndetect:\n  defaults: {hold: 1, hold: 2}\n")
+    with pytest.raises(ConfigError, match=r":3: detect.defaults.hold: given twice"):
+        load_config(path)
+    path.write_text("sources: [{name: a, type: file, path: x.wav}, {name: b, type: file, path: y.wav}]\n")
+    assert len(load_config(path).sources) == 2  # the same keys in two mappings are no repeat
+    shipped = run_cli("check-config", str(REPO / "config" / "streamer.yaml"))
+    assert "given twice" not in shipped.stderr
