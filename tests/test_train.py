@@ -763,8 +763,10 @@ def test_verdict_useless_model_exits_non_zero_with_one_line_and_a_good_one_exits
     data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0, "chirp": 2000.0})  # under the random low-pass
     bad = run_cli("train", str(data), "--out", str(tmp_path / "bad"), "--steps", "1", "--preset", "tiny", "--batch", "8")
     assert bad.returncode == EXIT_UNUSABLE_MODEL, bad.stdout + bad.stderr
-    verdict = [line for line in bad.stderr.splitlines() if line.strip()]
-    assert len(verdict) == 1 and verdict[0].startswith("streamer: model NOT usable:") and "fix:" in verdict[0]
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    verdict = [line for line in lines if line.startswith("streamer: model NOT usable:")]
+    assert len(verdict) == 1 and "fix:" in verdict[0] and verdict[0] == lines[-1]  # one line, the last word
+    assert all(line.startswith("streamer: warning:") for line in lines[:-1])  # beside it only warnings (2 s of held-out background)
     assert "--steps 2" in verdict[0] and "Traceback" not in bad.stderr
     assert (tmp_path / "bad" / "model.safetensors").is_file()  # still written
 
