@@ -387,8 +387,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
     try:  # checked against the model whenever a config is given, not only when its events are wanted
         targets = settings.targets(labels, engine.loaded.thresholds) if args.events_out or args.config else []
     except StreamerError as exc:
-        raise StreamerError(f"{args.config}: {exc}" if args.config else str(exc)) from None
-    targets = targets if args.events_out else []
+        if not args.config:
+            raise
+        raise StreamerError(f"{args.config}: {exc}") from None
+    if not args.events_out:
+        targets = []
     for pattern in settings.unmatched(labels) if args.events_out else []:
         log.warning("detect.include %r matches none of the model's labels", pattern)
     if settings.calibrated_targets(targets, engine.loaded.thresholds) and (
