@@ -99,6 +99,8 @@ class Subscriber:
         if username:
             self.client.username_pw_set(username, password)
         self.topics = topics
+        self._marker_topic = f"streamer-test-marker/{time.monotonic_ns()}"
+        self._markers: list[str] = []
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -110,11 +112,25 @@ class Subscriber:
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         for topic in self.topics:
             client.subscribe(topic, qos=1)
+        client.subscribe(self._marker_topic, qos=1)
         self.connected.set()
 
     def _on_message(self, client, userdata, message):
         with self.lock:
+            if message.topic == self._marker_topic:
+                self._markers.append(message.payload.decode())
+                return
             self.messages.append(Received(message.topic, message.payload.decode(), message.qos, bool(message.retain)))
+
+    def settled(self, timeout: float = 10) -> bool:
+        """True once everything the broker had queued for us before now has arrived.
+
+        The broker handles one client's packets in order and delivers to it in order, so a marker
+        we publish after our subscriptions comes back after every retained message they brought:
+        a late subscriber's view is complete without sleeping and hoping."""
+        marker = str(time.monotonic_ns())
+        self.client.publish(self._marker_topic, marker, qos=1)
+        return wait_for(lambda: marker in self._markers, timeout)
 
     def on(self, topic: str) -> list[Received]:
         with self.lock:

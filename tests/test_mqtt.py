@@ -265,7 +265,7 @@ def test_reload_adds_and_removes_targets_and_streams(broker):
         assert wait_for(lambda: pub.queue_length() == 0, 10)
         # a late subscriber sees exactly the configured entities
         witness = Subscriber(broker.port, ["homeassistant/#", f"{T.base}/#"])
-        time.sleep(0.5)
+        assert witness.settled()
         assert set(device_configs(witness)) == {kitchen}
         assert witness.on(T.state(STREAM, "Dog")) == [] and witness.on(T.state("Garage", "Car")) == []
         assert witness.on(T.state(STREAM, "Cat"))[-1].payload == "OFF"
@@ -295,7 +295,7 @@ def test_a_restart_with_fewer_targets_removes_the_ones_taken_out_while_stopped(b
         assert device_configs(watch)[kitchen]["cmps"][ha.target_key(TARGET)]["name"] == TARGET  # the kept one stays
         assert wait_for(lambda: second.queue_length() == 0, 10)
         witness = Subscriber(broker.port, ["homeassistant/#", f"{T.base}/#"])
-        assert wait_for(lambda: witness.on(kitchen), 5)
+        assert witness.settled() and witness.on(kitchen)
         assert witness.on(dog) == [] and witness.on(T.state(STREAM, TARGET))[-1].payload == "OFF"
         witness.close()
     finally:
@@ -350,7 +350,7 @@ def test_two_publishers_without_instance_names_keep_each_others_entities(broker)
         assert not any(m.payload == "" for m in subs.messages if m.topic.startswith(("streamer/garage-box", b.device_prefix)))
         assert not any(m.topic.startswith("streamer/garage-box") for m in subs.messages if m.payload in ("ON", ""))
         witness = Subscriber(broker.port, ["homeassistant/#", "streamer/#"])
-        time.sleep(0.5)
+        assert witness.settled()
         assert set(device_configs(witness, b)) == {b.device_config(STREAM)}
         assert json.loads(witness.on(b.device_config(STREAM))[-1].payload)["cmps"][ha.target_key(TARGET)]["name"] == TARGET
         assert witness.on(b.status)[-1].payload == "online"
@@ -441,6 +441,7 @@ def test_daemon_reload_adds_and_removes_targets_in_home_assistant(tmp_path, tiny
         assert wait_for(lambda: sub.on(d.state("Scene", "LABEL_1"))[-1].payload == "", 10)  # retained state cleared
         witness = Subscriber(broker.port, ["homeassistant/#", f"{d.base}/#"])
         assert wait_for(lambda: witness.on(topic) and witness.on(d.state("Scene", "LABEL_3")), 10)
+        assert witness.settled()
         announced = json.loads(witness.on(topic)[-1].payload)["cmps"]
         assert {c["name"] for c in announced.values() if c.get("p") == "binary_sensor" and "name" in c} == {"LABEL_2", "LABEL_3"}
         assert witness.on(d.state("Scene", "LABEL_1")) == []
