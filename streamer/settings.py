@@ -117,6 +117,8 @@ TLS_KEYS = {"ca", "cert", "key", "key_password", "insecure"}
 WEB_KEYS = {"enabled", "host", "port", "token", "history", "history_days"}
 WEB_TOKEN_MIN_CHARS = 16  # a guessable token on a LAN is no protection
 SECRET_KEYS = {"password", "key_password", "token"}  # their values never appear in a message
+BOOL_WORDS = {"true", "false", "yes", "no", "on", "off"}
+BOOL_TEXT_HINT = " (quoted, it is text: write true or false without quotes)"
 
 
 class _Checker:
@@ -151,8 +153,9 @@ class _Checker:
         if not ok:
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             shown = "a value of another type (not shown: a secret)" if key in SECRET_KEYS else repr(value)
-            self.error(path + (key,), f"expected {names}, got {shown}" + ("" if key in SECRET_KEYS or not {int, float} & set(kinds)
-                                                                             else text_number_hint(value)))
+            hint = "" if key in SECRET_KEYS else text_number_hint(value) if {int, float} & set(kinds) else (
+                BOOL_TEXT_HINT if bool in kinds and isinstance(value, str) and value.lower() in BOOL_WORDS else "")
+            self.error(path + (key,), f"expected {names}, got {shown}{hint}")
             return default
         if isinstance(value, float) and not math.isfinite(value):
             self.error(path + (key,), f"expected a finite number, got {value}")
@@ -374,8 +377,10 @@ def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
         raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f"{mark.line + 1}" if mark else "?"
-        raise ConfigError([f"{path}:{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
+        position = getattr(exc, "position", None)  # a ReaderError (a control character) has a position, no mark
+        line = f"{mark.line + 1}" if mark else f"{text.count(chr(10), 0, position) + 1}" if isinstance(position, int) else "?"
+        why = getattr(exc, "problem", None) or str(exc).splitlines()[0]  # a ReaderError: its first line names the character
+        raise ConfigError([f"{path}:{line}: not valid YAML ({why})"]) from None
     except RecursionError:
         raise ConfigError([f"{path}: nested too deeply to be a config"]) from None
     except _DuplicateKey as exc:
@@ -472,7 +477,8 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
     mqtt = None
     q = check.keys(raw.get("mqtt"), MQTT_KEYS, ("mqtt",))
     host = overrides.get("mqtt_host") or q.get("host")
-    if (q and q.get("enabled", True)) or overrides.get("mqtt_host"):
+    mqtt_enabled = bool(q) and check.typed(q, "enabled", bool, ("mqtt",), True)  # a quoted "false" is not true
+    if mqtt_enabled or overrides.get("mqtt_host"):
         t = q.get("tls")
         tls = None
         if t:
