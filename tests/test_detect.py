@@ -165,10 +165,20 @@ def test_pickle_that_runs_code_is_refused(tmp_path, clip, tiny_checkpoint):
     state["evil"] = _RunsCode(str(marker))
     torch.save(state, directory / "pytorch_model.bin")
     result = run_cli("detect", str(clip), "--model", str(directory))
-    assert_one_line_error(result, "pytorch_model.bin", "refused")
+    assert_one_line_error(result, "pytorch_model.bin", "refused", "would run code", "GLOBAL posix.system")
     assert not marker.exists()
     with pytest.raises(pickle.UnpicklingError):  # sanity: the file really carries a payload
         torch.load(directory / "pytorch_model.bin", weights_only=True)
+
+
+def test_plain_weights_in_a_newer_pickle_protocol_are_refused_for_what_they_are(tmp_path, clip, tiny_checkpoint):
+    """torch's safe loader reads protocol 2 only: plain weights saved with protocol 4 are not
+    called hostile, and torch's own two-line warning does not join the one-line refusal."""
+    directory, hf = tiny_checkpoint(fmt="bin", max_length=128)
+    torch.save(dict(hf.state_dict()), directory / "pytorch_model.bin", pickle_protocol=4)
+    result = run_cli("detect", str(clip), "--model", str(directory))
+    assert_one_line_error(result, "pytorch_model.bin", "refused", "pickle protocol 4 or 5", "convert it to safetensors")
+    assert "would run code" not in result.stderr
 
 
 def test_absurd_config_is_refused_before_allocating(tmp_path, clip, model_dir):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import warnings
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,13 +198,11 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
     try:
-        data = torch.load(file, map_location="cpu", weights_only=True, mmap=False)
+        with warnings.catch_warnings():  # torch's two-line note on protocols other than 2: the refusal below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            data = torch.load(file, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
-        raise CheckpointError(
-            f"{file}: refused: this pickle is not plain weights and would run code or build objects "
-            f"({first[:160]}); convert it to safetensors from a trusted copy"
-        ) from None
+        raise CheckpointError(f"{file}: refused: {_unpickler_refusal(str(exc))}; convert it to safetensors from a trusted copy") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(f"{file}: not a readable PyTorch weight file ({' '.join(str(exc).split())[:200]})") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
@@ -211,6 +210,22 @@ def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
         raise CheckpointError(f"{file}: expected a mapping of tensor names to tensors")
     return data
+
+
+def _unpickler_refusal(message: str) -> str:
+    """Why torch's weights-only unpickler refused a file, in a few words.
+
+    Its message opens and closes with paragraphs on its own defaults (worded differently by
+    torch version and by fault); the reason is what is left. An "unsupported global" is code or an object the file would build; an "unsupported
+    operand" is a pickle opcode it cannot read (protocol 4 and 5 framing), which plain weights
+    saved with a newer protocol also hit — so that one is not called hostile."""
+    boilerplate = ("Weights only load failed", "(1)", "(2)", "Check the documentation")
+    reason = " ".join(line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(boilerplate))
+    reason = reason.split("WeightsUnpickler error:", 1)[-1].split(". Please use", 1)[0]
+    reason = " ".join(reason.split())[:160].rstrip(".") or "unpickling failed"
+    if reason.startswith("Unsupported operand"):
+        return f"this pickle uses opcodes the safe loader does not read, e.g. pickle protocol 4 or 5 ({reason})"
+    return f"this pickle is not plain weights and would run code or build objects ({reason})"
 
 
 def _describe(names: list[str]) -> str:
