@@ -191,6 +191,43 @@ def test_a_header_with_an_absurd_sample_rate_is_refused_at_once(tmp_path):
     assert time.monotonic() - started < 1
 
 
+def test_a_wav_cut_short_is_read_for_what_it_holds_and_said_once(tmp_path, caplog):
+    """A copy cut off (or a recorder killed) leaves a header that promises more than the file
+    holds: the audio that is there is scored, and one warning says the file is short."""
+    import logging
+
+    import soundfile as sf
+
+    whole = tmp_path / "whole.wav"
+    sf.write(whole, np.full(32000, 0.1, dtype=np.float32), 16000, subtype="PCM_16")  # 2 s
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole.read_bytes()[:44 + 2 * 16000])  # 1 s of it
+    with caplog.at_level(logging.WARNING, logger="streamer.capture.files"):
+        assert read_audio(cut).size == 16000 and read_audio(cut).size == 16000
+        assert read_audio(whole).size == 32000
+    said = [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()]
+    assert said == [f"{cut}: cut short: its header promises 2.00 s, the file holds 1.00 s; reading what it holds"]
+    # a writer that streams (ffmpeg to a pipe) leaves the length unknown (0xFFFFFFFF): no promise broken
+    streamed = bytearray(whole.read_bytes())
+    streamed[40:44] = struct.pack("<I", 0xFFFFFFFF)
+    (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="streamer.capture.files"):
+        assert read_audio(tmp_path / "streamed.wav").size == 32000
+    assert not [r for r in caplog.records if "cut short" in r.getMessage()]
+
+
+def test_detect_on_an_impossible_header_says_one_line(tmp_path, tiny_checkpoint):
+    """A 1 Hz file: the command's one error line, no log line about a source failing before it."""
+    import soundfile as sf
+
+    directory, _ = tiny_checkpoint(max_length=128)
+    sf.write(tmp_path / "one_hz.wav", np.zeros(10, dtype=np.float32), 1)
+    result = run_cli("detect", str(tmp_path / "one_hz.wav"), "--model", str(directory))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and "invalid header (1 Hz" in lines[0], result.stderr
+
+
 def test_ffmpeg_source_on_random_bytes_fails_clearly_without_hanging(tmp_path):
     rng = np.random.default_rng(3)
     garbage = tmp_path / "garbage.bin"

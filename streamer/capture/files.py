@@ -7,9 +7,9 @@ of the same audio.
 
 from __future__ import annotations
 
-import math
-
 import logging
+import math
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +27,10 @@ MIN_RATE_HZ, MAX_RATE_HZ = 1000, 768_000  # sample rates real recordings have
 # the exact polyphase resampler needs 16000 / gcd(rate, 16000) phases: 160 for 44.1 kHz, 640
 # for 11.025 kHz, 2000 for an odd 44.056 kHz; a rate field damaged into 15947 Hz would need 16000
 MAX_RESAMPLE_PHASES = 2000
+# libsndfile's header dump of a WAV whose data chunk promises more than the file holds
+_CUT_SHORT = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_UNKNOWN_LENGTH = (0, 0xFFFFFFFF)  # what a writer that streams (ffmpeg to a pipe) puts there: not a promise
+_cut_short_said: set[tuple[str, int]] = set()  # (path, size): said once a process, though a command opens a file twice and a source loops
 MAX_CHANNELS = 64
 MAX_ABS_SAMPLE = 100.0  # full scale is 1.0; beyond this a float sample is damage, not audio
 
@@ -54,9 +58,44 @@ def _open(path: Path) -> sf.SoundFile:
         raise AudioError(f"{path}: not a regular file (a pipe or a device); save the audio to a file, or stream it "
                          f"with an ffmpeg source (type: ffmpeg)")
     try:
-        return sf.SoundFile(str(path))
+        f = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as exc:
         raise AudioError(f"{path}: cannot decode audio ({' '.join(str(exc).split())[:160]})") from None
+    try:
+        _check_header(path, f)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _check_header(path: Path, f: sf.SoundFile) -> None:
+    """Refuse a header no recording has; one that promises more audio than the file holds
+    (a copy or a recording cut off) is read for what it holds, and said once."""
+    if not MIN_RATE_HZ <= f.samplerate <= MAX_RATE_HZ or not 1 <= f.channels <= MAX_CHANNELS:
+        # a damaged header: 7 Hz would mean resampling each sample into thousands
+        raise AudioError(f"{path}: invalid header ({f.samplerate} Hz, {f.channels} channels; expected "
+                         f"{MIN_RATE_HZ}–{MAX_RATE_HZ} Hz, 1–{MAX_CHANNELS} channels)")
+    if SAMPLE_RATE_HZ // math.gcd(f.samplerate, SAMPLE_RATE_HZ) > MAX_RESAMPLE_PHASES:
+        # a damaged rate field (15947 Hz) would take minutes to convert
+        raise AudioError(f"{path}: an unusual sample rate ({f.samplerate} Hz) that is very costly to convert "
+                         f"exactly; convert the file first (ffmpeg -i IN -ar 16000 OUT.wav)")
+    cut = _CUT_SHORT.search(f.extra_info or "")
+    if cut and int(cut.group(1)) not in _UNKNOWN_LENGTH and int(cut.group(2)) < int(cut.group(1)):
+        promised, held = int(cut.group(1)), int(cut.group(2))
+        key = (str(path), held)
+        if key in _cut_short_said:
+            return
+        _cut_short_said.add(key)
+        log.warning("%s: cut short: its header promises %.2f s, the file holds %.2f s; reading what it holds",
+                    path, promised / max(1, f.samplerate * f.channels * _bytes_per_sample(f)),
+                    held / max(1, f.samplerate * f.channels * _bytes_per_sample(f)))
+
+
+def _bytes_per_sample(f: sf.SoundFile) -> int:
+    """Bytes per sample of an uncompressed subtype (PCM_16 → 2); 1 where it is not known."""
+    digits = re.search(r"(\d+)$", f.subtype or "")
+    return int(digits.group(1)) // 8 if digits and int(digits.group(1)) >= 8 else {"FLOAT": 4, "DOUBLE": 8}.get(f.subtype, 1)
 
 
 def audio_info(path: Path) -> tuple[int, int, int]:
@@ -79,14 +118,6 @@ def iter_audio(path: str | Path, block_seconds: float = BLOCK_SECONDS,
     """
     path = Path(path)
     with _open(path) as f:
-        if not MIN_RATE_HZ <= f.samplerate <= MAX_RATE_HZ or not 1 <= f.channels <= MAX_CHANNELS:
-            # a damaged header: 7 Hz would mean resampling each sample into thousands
-            raise AudioError(f"{path}: invalid header ({f.samplerate} Hz, {f.channels} channels; expected "
-                             f"{MIN_RATE_HZ}–{MAX_RATE_HZ} Hz, 1–{MAX_CHANNELS} channels)")
-        phases = SAMPLE_RATE_HZ // math.gcd(f.samplerate, SAMPLE_RATE_HZ)
-        if phases > MAX_RESAMPLE_PHASES:  # a damaged rate field (15947 Hz) would take minutes to convert
-            raise AudioError(f"{path}: an unusual sample rate ({f.samplerate} Hz) that is very costly to convert "
-                             f"exactly; convert the file first (ffmpeg -i IN -ar 16000 OUT.wav)")
         resampler = StreamingResampler(f.samplerate, SAMPLE_RATE_HZ)
         block_frames = max(1, int(block_seconds * f.samplerate))
         damaged = 0
