@@ -7,9 +7,12 @@ windows, start samples and scores the same audio would give live.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator, Sequence
+import contextlib
 import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,9 +132,52 @@ def stream_name(path: str | Path) -> str:
     return Path(path).stem
 
 
+def check_output(path: Path) -> None:
+    """Refuse, before any scoring, an output that could not be written: a folder, a device or
+    pipe (``/dev/full``; a rename over it would replace the device node), a missing or
+    unwritable folder — tried with a real file, as permissions alone do not tell root's."""
+    if path.is_dir():
+        raise StreamerError(f"{path}: a folder; give a file name (e.g. {path / 'events.jsonl'})")
+    if path.exists() and not path.is_file():
+        raise StreamerError(f"{path}: not a regular file (a device or a pipe); give a file name")
+    if not path.parent.is_dir():
+        raise StreamerError(f"{path}: the directory {path.parent} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise StreamerError(f"{path}: cannot write in {path.parent} ({exc.strerror or exc})") from None
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path, mode: str = "w"):
+    """A file object whose content replaces ``path`` only once it is whole: a full disk or a
+    failure half way leaves the earlier file as it was, and no half-written one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would have made it, not mkstemp's 0600
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise StreamerError(f"{path}: writing failed ({exc.strerror or exc}); any earlier {path.name} is unchanged") from None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_events(path: Path, results: list[FileScores]) -> None:
     """``--events-out``: one JSON object per ON and per OFF, in order, with the file it came from."""
-    with open(path, "w", encoding="utf-8") as out:
+    with replaced_atomically(path) as out:
         for result in results:
             for event in result.events:
                 out.write(json.dumps({**event.as_dict(), "file": result.path}) + "\n")
@@ -148,8 +194,13 @@ def save_scores(path: Path, results: list[FileScores], labels: tuple[str, ...]) 
     With several input files the windows are concatenated in input order; ``files`` and
     ``file_index`` say which file each window came from.
     """
+    with replaced_atomically(path, "wb") as out:
+        _savez(out, results, labels)
+
+
+def _savez(out, results: list[FileScores], labels: tuple[str, ...]) -> None:
     np.savez(
-        path,
+        out,
         labels=np.asarray(labels, dtype=str),
         start_sample=np.concatenate([r.start_sample for r in results]).astype(np.int64),
         scores=np.concatenate([r.scores for r in results]).astype(np.float32),
