@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +30,11 @@ DEFAULT_TRAIN_STEPS = 4000  # streamer.train.DEFAULT_STEPS (kept here so --help 
 TRAIN_WINDOW_FRAMES = (16, 1024)
 MAX_SEED = 2**32 - 1  # the seeds torch, numpy and random all take
 MAX_TRAIN_STEPS = 1_000_000  # ~2 days of the tiny model on 2 cores: more is a typo, not a plan
+MAX_DETECT_HOP_S = 60.0  # a hop is scheduling state per stream: 1e5 s asked for 46 GB
+MAX_BATCH = 4096  # windows (or training examples) per pass: 1e5 asked for 52 GB
+MAX_THREADS = 1024  # as model.threads in the config
+MAX_MINUTES = 7 * 24 * 60.0  # --minutes of training or recording: a week
+OPEN_FILES_WANTED = 1 << 20  # the soft limit on open files is raised towards this (each file scored is open at once)
 
 
 def _whole(text: str) -> int:
@@ -53,11 +60,33 @@ def _bounded_int(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _bounded_number(low: float, high: float, open_low: bool = False) -> Callable[[str], float]:
+    """A finite number in [low, high] (or (low, high] with ``open_low``): nan, inf and 1e308
+    are refused as the option they are (exit 2), not met as a traceback or a silent cap."""
+    def parse(text: str) -> float:
+        value = _number(text)
+        if value > high or value < low or (open_low and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'over' if open_low else 'at least'} {low:g} and at most {high:g}, got {text}")
+        return value
+    return parse
+
+
 def _hop(text: str) -> int:
     from streamer.detect import hop_to_frames
 
+    value = _bounded_number(0, MAX_DETECT_HOP_S, open_low=True)(text)
     try:
-        return hop_to_frames(float(text))
+        return hop_to_frames(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -81,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto: a GPU if there is one)")
     detect.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16", "int8", "onnx-fp32", "onnx-int8"],
                         help="inference precision (default fp32; auto: the fastest within 0.02 of fp32 here; int8, onnx-* are CPU only)")
-    detect.add_argument("--batch", type=_positive_int, default=8, help="windows per forward pass (default 8)")
-    detect.add_argument("--threads", type=_positive_int, help="CPU threads for inference (default: torch's choice)")
+    detect.add_argument("--batch", type=_bounded_int(1, MAX_BATCH), default=8, help="windows per forward pass (default 8)")
+    detect.add_argument("--threads", type=_bounded_int(1, MAX_THREADS), help="CPU threads for inference (default: torch's choice)")
 
     labels = sub.add_parser("labels", help="list the labels a model can detect")
     labels.add_argument("search", nargs="?", default="", help="show only labels containing this text (or a model directory)")
@@ -93,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", help="use only this source: mic[:DEVICE], file:PATH or a URL")
     run.add_argument("--mqtt-host", help="override mqtt.host (and turn MQTT on)")
     run.add_argument("--mqtt-port", type=int, help="override mqtt.port")
-    run.add_argument("--hop", type=float, help="override hop (seconds, 0.1–10)")
+    run.add_argument("--hop", type=_number, help="override hop (seconds, 0.1–10)")
     run.add_argument("--json", action="store_true", help="print one JSON object per event instead of the live view")
     run.add_argument("--console", choices=["auto", "live", "lines", "json", "off"], default="auto", help="console output (default: live view in a terminal, lines otherwise)")
 
@@ -112,15 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "besides DATA_DIR/background; may be given more than once")
     tr.add_argument("--steps", type=_bounded_int(1, MAX_TRAIN_STEPS), default=DEFAULT_TRAIN_STEPS,
                     help=f"training steps (default {DEFAULT_TRAIN_STEPS}): the same data, seed and steps give the same model")
-    tr.add_argument("--minutes", type=float, help="also stop after this many minutes (a cap: the model then depends on the machine's speed)")
-    tr.add_argument("--batch", type=_positive_int, default=32, help="examples per step (default 32)")
-    tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 0.001)")
-    tr.add_argument("--max-false-per-hour", type=float, default=1.0, metavar="N",
+    tr.add_argument("--minutes", type=_bounded_number(0, MAX_MINUTES, open_low=True), help="also stop after this many minutes (a cap: the model then depends on the machine's speed)")
+    tr.add_argument("--batch", type=_bounded_int(1, MAX_BATCH), default=32, help="examples per step (default 32)")
+    tr.add_argument("--lr", type=_bounded_number(0, 1, open_low=True), default=1e-3, help="peak learning rate (default 0.001)")
+    tr.add_argument("--max-false-per-hour", type=_bounded_number(0, 3600), default=1.0, metavar="N",
                     help="thresholds keep false events on held-out background at or under this (default 1)")
     tr.add_argument("--seed", type=_bounded_int(0, MAX_SEED), default=0, help=f"0 to {MAX_SEED} (default 0); it also picks the held-out split")
     tr.add_argument("--hop", type=_hop, default=100, metavar="SECONDS",
                     help="the hop the thresholds are chosen for: the one your config runs at (default 1)")
-    tr.add_argument("--threads", type=_positive_int, help="CPU threads (default: every core)")
+    tr.add_argument("--threads", type=_bounded_int(1, MAX_THREADS), help="CPU threads (default: every core)")
     tr.add_argument("--device", default="cpu", metavar="DEVICE",
                     help="cpu (default: the same data, seed and steps give the same weights) or cuda[:N] "
                          "(minutes faster on a GPU box, but not bit-reproducible); validation always runs on the CPU")
@@ -130,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     record = sub.add_parser("record", help="record a source to an audio file (16 kHz mono), e.g. to collect clips")
     record.add_argument("source", help="mic, mic:DEVICE, file:PATH, a URL (rtsp://, http://…) or ffmpeg:URL")
     record.add_argument("out", type=Path, help="output file (.wav or .flac)")
-    record.add_argument("--seconds", type=float, help="how long to record (default 5)")
-    record.add_argument("--minutes", type=float, help="how long to record, in minutes (e.g. 60 of a room's background for `streamer train --background`)")
+    record.add_argument("--seconds", type=_bounded_number(0, MAX_MINUTES * 60, open_low=True), help="how long to record (default 5)")
+    record.add_argument("--minutes", type=_bounded_number(0, MAX_MINUTES, open_low=True), help="how long to record, in minutes (e.g. 60 of a room's background for `streamer train --background`)")
     record.add_argument("--channels", type=_positive_int, help="mic: channels to open (default: the device's, at most 2), mixed to mono")
     record.add_argument("--channel", type=int, help="mic: record only this channel (0-based) instead of the mix")
 
@@ -142,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench/results/inference.json"), help="JSON report path")
     bench.add_argument("--no-transformers", action="store_true", help="measure our engine alone")
     bench.add_argument("--compile", action="store_true", help="also measure bf16 with torch.compile (GPU)")
-    bench.add_argument("--threads", type=_positive_int, help="CPU threads")
+    bench.add_argument("--threads", type=_bounded_int(1, MAX_THREADS), help="CPU threads")
     bench.add_argument("--accuracy-model", type=Path, help="CPU: also measure every path's accuracy on this (trained) checkpoint")
     return parser
 
@@ -234,12 +263,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from streamer.train import TrainSettings, train
 
     device = resolve_device(args.device)  # a one-line error for a device this machine lacks
-    if args.minutes is not None and args.minutes <= 0:
-        raise StreamerError(f"--minutes must be positive, got {args.minutes}")
-    if not 0 < args.lr < 1:
-        raise StreamerError(f"--lr must be between 0 and 1, got {args.lr}")
-    if args.max_false_per_hour < 0:
-        raise StreamerError(f"--max-false-per-hour must not be negative, got {args.max_false_per_hour}")
     settings = TrainSettings(preset=args.preset, max_length=args.max_length, minutes=args.minutes, seed=args.seed,
                              threads=args.threads, steps=args.steps, batch=args.batch, lr=args.lr, long_background=tuple(args.background),
                              max_false_per_hour=args.max_false_per_hour, device=str(device), hop_s=args.hop / 100)
@@ -279,13 +302,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    import signal
+    """A take: SIGTERM (`timeout`, `kill`, a service stop) closes it as Ctrl-C does, the header written (main)."""
     import time
     from dataclasses import replace
 
     import soundfile as sf
 
-    from streamer.capture.sources import MicSource, make_source, source_from_spec
+    from streamer.capture.sources import MicSource, SourceState, make_source, source_from_spec
     from streamer.constants import SAMPLE_RATE_HZ
 
     if args.seconds is not None and args.minutes is not None:
@@ -311,19 +334,18 @@ def cmd_record(args: argparse.Namespace) -> int:
     source = make_source(spec, ring_seconds=min(max(10.0, seconds + 5), RECORD_RING_S))
     if isinstance(source, MicSource):
         source.open_check()
-    wanted = int(seconds * SAMPLE_RATE_HZ)
+    wanted = max(1, int(seconds * SAMPLE_RATE_HZ))
     have = 0
     wav = args.out.suffix.lower() == ".wav"
     try:
+        made = [p for p in (args.out.parent, *args.out.parent.parents) if not p.exists()]  # taken back if nothing is recorded
         args.out.parent.mkdir(parents=True, exist_ok=True)  # clips/doorbell/01.wav: the label's folder is made
         out = sf.SoundFile(str(args.out), "w", SAMPLE_RATE_HZ, 1, subtype="FLOAT" if wav else "PCM_24",
                            format="RF64" if wav and wanted * 4 >= WAV_LIMIT_BYTES else None)
     except (sf.LibsndfileError, OSError) as exc:
         raise StreamerError(f"{args.out}: cannot write there ({exc}); give a file you can write to") from None
-    def stop(signum, frame) -> None:  # `timeout`, `kill`, a service stop: closed as Ctrl-C closes it, the header written
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    if not log.isEnabledFor(logging.INFO):  # a source's failure is this command's one error line, not a log line before it too
+        logging.getLogger("streamer.capture.sources").setLevel(logging.ERROR)
     with out:
         source.start()
         try:
@@ -332,18 +354,25 @@ def cmd_record(args: argparse.Namespace) -> int:
                 if len(samples):
                     out.write(samples)
                     have += len(samples)
-                elif source.finished:
+                elif source.finished or source.state == SourceState.RETRYING:  # drained: a take has no gaps, it ends
                     break
                 else:
                     time.sleep(0.02)
+            why = (source.error or "").split("; retrying in ")[0]  # before the stop, which clears it; a take is not retried
         except (sf.LibsndfileError, OSError) as exc:  # a disk that fills up: what was written so far stays readable
             raise StreamerError(f"{args.out}: writing stopped after {have / SAMPLE_RATE_HZ:.1f} s ({exc}); "
                                 "the file holds what was recorded until then: free space, or record elsewhere") from None
         finally:
             source.stop()
-    if source.error and not have:
+    if not have:  # a dead URL, an empty file: no empty take (nor the folders made for it) left to block the next try
         args.out.unlink(missing_ok=True)
-        raise StreamerError(f"source {source.name}: {source.error}")
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise StreamerError(f"source {source.name}: {why or 'no audio came from it'}; nothing was recorded")
+    if why:  # failed part way (a decoding error, a camera gone): the take is kept, and the command fails
+        raise StreamerError(f"source {source.name}: {why}; {args.out} keeps the {have / SAMPLE_RATE_HZ:.2f} s "
+                            f"recorded before it (of {seconds:g} s asked for)")
     lost = source.lost
     print(f"recorded {have / SAMPLE_RATE_HZ:.2f} s from {source.describe()} to {args.out} "
           f"(overflows {source.stats.overflows}, lost samples {lost})", file=sys.stderr)
@@ -352,14 +381,20 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from streamer.benchmark import run
+    from streamer.detect import check_output
+    from streamer.inference.engine import resolve_device
 
+    resolve_device(args.device)  # a device this machine lacks: one line now, not a report of errors and exit 0
+    if args.out.parent != Path("") and not args.out.parent.exists():
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # bench/results/ in a fresh checkout
+    check_output(args.out)  # a folder, /dev/full, an unwritable place: said before minutes of measuring
     run(args.device, args.out, args.model, args.audio, not args.no_transformers, args.compile, args.threads,
         accuracy_model=args.accuracy_model)
     return 0
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from streamer.detect import save_events, save_scores, score_files, top_labels
+    from streamer.detect import check_output, save_events, save_scores, score_files, top_labels
     from streamer.events import DetectSettings
     from streamer.inference.engine import InferenceEngine
     from streamer.model import load_model
@@ -368,16 +403,21 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from streamer.inference.capacity import gap_warning
     from streamer.constants import SAMPLE_RATE_HZ
 
-    inputs = {p.resolve() for p in args.audio}
+    inputs = {Path(os.path.realpath(p)) for p in args.audio}  # realpath: a symlink loop is the audio's one-line error later
+    if args.scores_out and args.scores_out.exists() and not args.scores_out.is_file() and not args.scores_out.is_dir():
+        check_output(args.scores_out)  # /dev/full: refused as given, not turned into /dev/full.npz
     if args.scores_out and args.scores_out.suffix != ".npz":  # numpy's savez adds it: say where the scores go
         args.scores_out = args.scores_out.with_name(args.scores_out.name + ".npz")
-    for out in (args.scores_out, args.events_out):
-        if out and out.resolve() in inputs:
+    outputs = [out for out in (args.scores_out, args.events_out) if out]
+    for out in outputs:  # every fault found now, not after the scoring
+        if Path(os.path.realpath(out)) in inputs:
             raise StreamerError(f"{out}: that is one of the audio files being scored (writing there would wipe it); give another file")
-        if out and not out.parent.is_dir():
-            raise StreamerError(f"{out}: the directory {out.parent} does not exist")
-        if out and out.is_dir():  # found now, not after the scoring
-            raise StreamerError(f"{out}: a folder; give a file name (e.g. {out / 'events.jsonl'})")
+        check_output(out)
+    if len(outputs) == 2 and os.path.realpath(outputs[0]) == os.path.realpath(outputs[1]):
+        raise StreamerError(f"{args.events_out}: --events-out and --scores-out are the same file (the scores would replace the "
+                            f"events); give two files")
+    if sys.stdout is None and not outputs:  # `>&-`: every window would be scored and shown nowhere
+        raise StreamerError("standard output is closed and no --scores-out or --events-out is given: the results would go nowhere")
     settings = load_detect_settings(args.config) if args.config else DetectSettings()  # a broken config fails before the model loads
     engine = InferenceEngine(
         load_model(args.model), device=args.device, precision=args.precision, max_batch=args.batch, threads=args.threads
@@ -400,25 +440,41 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if line := gap_warning(window_samples(engine.loaded.features.max_length) / SAMPLE_RATE_HZ, args.hop / 100):
         log.warning(line)
 
-    closed = []
+    stopped: list[OSError] = []  # why printing stopped, if it did
 
     def show(index: int, start_sample: int, row) -> None:
-        if closed:
+        if stopped or sys.stdout is None:
             return
         top = ", ".join(f"{name} {p:.2f}" for name, p in top_labels(row, labels, args.top_k))
         try:
-            print(f"{args.audio[index]}\t{start_sample / SAMPLE_RATE_HZ:8.2f}s\t{top}", flush=True)
-        except BrokenPipeError:  # `| head`: stop printing, keep scoring — --scores-out and --events-out still get every window
-            closed.append(True)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush into the closed pipe at exit
+            print(f"{printable(args.audio[index])}\t{start_sample / SAMPLE_RATE_HZ:8.2f}s\t{top}", flush=True)
+        except OSError as exc:  # `| head`, a full disk: stop printing, keep scoring — the output files still get every window
+            stopped.append(exc)
+            with contextlib.suppress(OSError):  # nothing left to flush into the closed pipe or full disk at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     results = score_files(args.audio, engine, args.hop, targets, on_window=show)
-    if args.events_out:
-        save_events(args.events_out, results)
-    if args.scores_out:
-        save_scores(args.scores_out, results, labels)
-        log.info("wrote %s", args.scores_out)
+    failed = []
+    for out, save in ((args.events_out, lambda p: save_events(p, results)), (args.scores_out, lambda p: save_scores(p, results, labels))):
+        if out:
+            try:  # one output failing does not cost the other
+                save(out)
+                log.info("wrote %s", out)
+            except StreamerError as exc:
+                failed.append(str(exc))
+    if stopped and not isinstance(stopped[0], BrokenPipeError):  # a reader that left (`| head`) is not a failure
+        failed.insert(0, f"standard output: writing failed ({stopped[0].strerror or stopped[0]}); printing stopped there"
+                         + ("; the output files hold every window" if results and (args.events_out or args.scores_out) and
+                            len(failed) == 0 else ""))
+    if failed:
+        raise StreamerError("; ".join(failed))
     return 0
+
+
+def printable(path: Path) -> str:
+    """A file name fit for one tab-separated line: a newline or tab in it shown escaped."""
+    text = str(path)
+    return text if text.isprintable() else text.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
 def load_detect_settings(path: Path):
@@ -472,10 +528,31 @@ COMMANDS = {
 }
 
 
+def _raise_open_file_limit() -> None:
+    """The soft limit on open files up to the hard one: `detect` on 1100 files (each a source,
+    open at once) hit 1024 and blamed the audio. What systemd and most shells allow anyway."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, OPEN_FILES_WANTED)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, OPEN_FILES_WANTED), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _raise_open_file_limit()
+    if args.command != "run":  # the daemon stops on SIGTERM its own way; a command (`timeout`, `kill`) cleans up as on Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return COMMANDS[args.command](args)
     except StreamerError as exc:

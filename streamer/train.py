@@ -162,9 +162,8 @@ def scan(data_dir: Path, background: str) -> tuple[dict[str, list[Path]], list[P
         raise StreamerError(f"{data_dir}: not a directory (one folder per label of audio clips)")
     folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     files = {p.name: audio_files(p) for p in folders}
-    bg = files.pop(background, [])
-    files = {k: v for k, v in files.items() if v}
-    if len(files) < 1:
+    bg = files.pop(background, [])  # a label folder without audio stays, empty: train names it as left out
+    if not any(files.values()):
         raise StreamerError(f"{data_dir}: no label folders with audio clips in them (one folder per label)")
     return files, bg
 
@@ -369,7 +368,7 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
     ``stream_warning`` is the one line for labels a usable model never hears in a stream,
     ``false_alarm_warning`` the one for labels that fire on held-out background at every threshold.
     """
-    from streamer.validation import BACKGROUND, HeldOut, false_alarm_warning, stream_warning, validate, verdict
+    from streamer.validation import HeldOut, false_alarm_warning, stream_warning, verdict
 
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -410,6 +409,10 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
         for why in skipped[1:]:
             log.info("skipped: %s", why)
     files = {k: [p for p in v if p in audio] for k, v in files.items()}
+    if (dropped := sorted(k for k, v in files.items() if not v)) and any(files.values()):  # none at all: the error below
+        progress(f"warning: left out, no usable clip in its folder: {', '.join(dropped[:5])}"
+                 f"{f' and {len(dropped) - 5} more' if len(dropped) > 5 else ''} (the model will not know "
+                 f"{'it' if len(dropped) == 1 else 'them'}: add readable clips that hold the sound, or remove the folder)")
     files = {k: v for k, v in files.items() if v}
     if not files:
         raise StreamerError(f"{data_dir}: no readable audio clips in its label folders")
@@ -437,6 +440,9 @@ def train(data_dir: Path, out_dir: Path, settings: TrainSettings, base: str | No
 
     if base:
         loaded = load_model(base)
+        if not loaded.config.multi_label:  # softmax: one sum over every label, so new rows would move the old scores
+            raise StreamerError(f"--base {base}: a single-label (softmax) model: new labels would change the scores of its own; "
+                                f"give a multi-label base (sigmoid, like the AudioSet models), or train from scratch without --base")
         if set(new_labels) & set(loaded.labels):
             raise StreamerError(f"labels already in the base model: {sorted(set(new_labels) & set(loaded.labels))[:5]}")
         feat = loaded.features

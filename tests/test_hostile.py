@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
@@ -566,6 +567,75 @@ def test_detect_into_a_closed_pipe_stops_printing_and_writes_every_window(tmp_pa
     assert proc.wait(timeout=300) == 0 and "Traceback" not in err and "Broken pipe" not in err, err
     assert len(np.load(scores)["start_sample"]) == 1 + (30 * 16000 - window_samples(128)) // 4000
     assert events.is_file()
+
+
+def test_detect_onto_a_full_standard_output_keeps_every_window_and_fails(tmp_path, tiny_checkpoint):
+    """`> /dev/full`: only BrokenPipeError was caught, so ENOSPC threw whole batches away — 3 of 20
+    windows in --scores-out, no ON in --events-out — with tracebacks and exit 0."""
+    directory, _ = tiny_checkpoint(max_length=128)
+    audio = write_wav(tmp_path / "long.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 30).astype(np.float32))
+    config = tmp_path / "detect.yaml"
+    config.write_text(json.dumps({"detect": {"include": ["*"], "defaults": {"on_threshold": 0.0, "off_threshold": 0.0, "hold": 0}}}))
+    scores, events = tmp_path / "s.npz", tmp_path / "e.jsonl"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "streamer", "detect", str(audio), "--model", str(directory), "--device", "cpu",
+                                 "--config", str(config), "--scores-out", str(scores), "--events-out", str(events)],
+                                stdout=full, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "standard output: writing failed (No space left on device)" in lines[0], result.stderr
+    assert len(np.load(scores)["start_sample"]) == 1 + (30 * 16000 - window_samples(128)) // 16000
+    assert any(json.loads(line)["state"] == "ON" for line in events.read_text().splitlines())
+
+
+def test_detect_outputs_that_cannot_be_written_are_refused_before_scoring(tmp_path, tiny_checkpoint):
+    """The same file for both outputs (the scores replaced the events), a device (/dev/full
+    became /dev/full.npz), a closed standard output with nowhere else to write."""
+    directory, _ = tiny_checkpoint(max_length=128)
+    audio = write_wav(tmp_path / "a.wav", np.zeros(16000, dtype=np.float32))
+    cases = [(["--events-out", str(tmp_path / "x.npz"), "--scores-out", str(tmp_path / "x")], "are the same file"),
+             (["--scores-out", "/dev/full"], "/dev/full: not a regular file"),
+             (["--events-out", "/dev/full"], "/dev/full: not a regular file")]
+    for extra, said in cases:
+        result = run_cli("detect", str(audio), "--model", str(directory), *extra, timeout=120)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 1 and len(lines) == 1 and said in lines[0], result.stderr
+        assert result.stdout == ""  # refused before any window was scored
+    assert not Path("/dev/full.npz").exists() and not (tmp_path / "x.npz").exists()
+    closed = subprocess.run([sys.executable, "-m", "streamer", "detect", str(audio), "--model", str(directory)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=120,
+                            preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 1 and "standard output is closed" in closed.stderr, closed.stderr
+
+
+def test_an_output_write_that_fails_leaves_the_earlier_file_whole(tmp_path):
+    """save_scores wrote in place: a full disk left a truncated archive where a good one had been."""
+    from streamer.detect import replaced_atomically
+
+    earlier = tmp_path / "s.npz"
+    earlier.write_bytes(b"the earlier, good file")
+    with pytest.raises(StreamerError, match="writing failed .*any earlier s.npz is unchanged"):
+        with replaced_atomically(earlier, "wb") as out:
+            out.write(b"half of it")
+            raise OSError(28, "No space left on device")
+    assert earlier.read_bytes() == b"the earlier, good file" and sorted(tmp_path.iterdir()) == [earlier]
+    with replaced_atomically(earlier, "wb") as out:
+        out.write(b"new")
+    assert earlier.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [earlier]
+
+
+def test_a_symlink_loop_and_a_bench_on_a_missing_gpu_are_one_line(tmp_path, tiny_checkpoint):
+    """A symlink loop was `internal error: RuntimeError`; `bench --device cuda` without a GPU wrote a
+    report of errors and exited 0."""
+    directory, _ = tiny_checkpoint(max_length=128)
+    (tmp_path / "a.wav").symlink_to(tmp_path / "b.wav")
+    (tmp_path / "b.wav").symlink_to(tmp_path / "a.wav")
+    result = run_cli("detect", str(tmp_path / "a.wav"), "--model", str(directory), timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "symbolic links" in lines[0] and "internal error" not in lines[0], result.stderr
+    if not torch.cuda.is_available():
+        out = tmp_path / "bench.json"
+        result = run_cli("bench", "--device", "cuda", "--model", str(directory), "--no-transformers", "--out", str(out), timeout=120)
+        assert result.returncode == 1 and "no CUDA GPU" in result.stderr and not out.exists(), result.stderr
 
 
 def test_a_pipe_or_device_given_as_an_audio_file_is_refused_at_once(tmp_path, tiny_checkpoint):

@@ -83,7 +83,7 @@ def test_trained_checkpoint_is_a_standard_hf_checkpoint(trained):
 def test_training_with_a_base_model_keeps_its_labels(tmp_path, tiny_checkpoint):
     from streamer.model import load_model
 
-    base_dir, _ = tiny_checkpoint(max_length=128, num_labels=6)
+    base_dir, _ = tiny_checkpoint(max_length=128, num_labels=6, problem_type="multi_label_classification")
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
     for label, freq in (("doorbell", 800.0), ("beep", 3000.0)):
@@ -120,10 +120,30 @@ def test_training_with_a_base_model_keeps_its_labels(tmp_path, tiny_checkpoint):
     assert "warning: the base model's thresholds for its" in other_hop.stdout and "chosen at hop 1 s, not 0.5 s: not kept" in other_hop.stdout and "--hop 1" in other_hop.stdout
     assert set(load_model(tmp_path / "hop").thresholds) == {"beep", "doorbell"}
 
+    # a single-label (softmax) base: new labels would share its one sum and move its scores
+    softmax_dir, _ = tiny_checkpoint(max_length=128, num_labels=6)
+    assert not load_model(softmax_dir).config.multi_label
+    refused = run_cli("train", str(data), "--out", str(tmp_path / "softmax"), "--base", str(softmax_dir), "--steps", "5")
+    assert refused.returncode == 1 and "a single-label (softmax) model" in refused.stderr and not (tmp_path / "softmax").exists()
+
 
 def test_train_refuses_a_bad_data_directory(tmp_path):
     result = run_cli("train", str(tmp_path / "nothing"), "--out", str(tmp_path / "m"))
     assert result.returncode != 0 and "not a directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_label_folder_with_no_usable_clip_is_named_as_left_out(tmp_path):
+    """An empty folder, or one whose clips are all silent or unreadable, vanished from the model
+    without its name being said anywhere."""
+    data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0})
+    (data / "doorbell").mkdir()
+    (data / "doorbell" / "notes.txt").write_text("to record")
+    (data / "silence").mkdir()
+    for i in range(2):
+        sf.write(data / "silence" / f"{i}.wav", np.zeros(8000, dtype=np.float32), 16000)
+    result = run_cli("train", str(data), "--out", str(tmp_path / "m"), "--steps", "2", "--batch", "4")
+    assert "warning: left out, no usable clip in its folder: doorbell, silence" in result.stdout, result.stdout
+    assert json.loads((tmp_path / "m" / "thresholds.json").read_text())["labels"].keys() == {"beep", "hum"}
 
 
 @pytest.mark.parametrize("device, why", [("tpu", "unknown device"), ("mps", "not supported"), ("cuda:7", "CUDA GPU")])
@@ -581,7 +601,8 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "data", "read_only"]  # nothing left behind
 
 
-def test_an_interrupted_training_leaves_no_model_folder(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `timeout`, `kill`: SIGTERM left a partial model
+def test_an_interrupted_training_leaves_no_model_folder(tmp_path, signum):
     data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0})
     out = tmp_path / "new" / "m"
     proc = subprocess.Popen([sys.executable, "-m", "streamer", "train", str(data), "--out", str(out), "--steps", "100000"],
@@ -589,7 +610,7 @@ def test_an_interrupted_training_leaves_no_model_folder(tmp_path):
     for line in proc.stdout:  # await the first step, however slow the machine
         if line.startswith("step "):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     assert not (tmp_path / "new").exists()
@@ -673,6 +694,20 @@ def test_train_refuses_a_window_or_a_seed_out_of_range_before_reading_anything(t
     assert result.returncode == 2 and "must be between" in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("command, args", [
+    ("train", ["--max-false-per-hour", "nan"]), ("train", ["--minutes", "nan"]), ("train", ["--lr", "0"]),
+    ("train", ["--batch", "100000"]), ("train", ["--threads", str(10**20)]),
+    ("detect", ["--hop", "inf"]), ("detect", ["--hop", "1e308"]), ("detect", ["--hop", "100000"]),
+    ("detect", ["--batch", str(10**20)]), ("detect", ["--threads", str(10**20)]), ("bench", ["--threads", str(10**20)]),
+])
+def test_numbers_no_option_can_use_are_usage_errors(tmp_path, command, args):
+    """nan thresholds every label at 0.99 and a nan time cap never stops; inf was a traceback;
+    a hop of 1e5 s or a batch of 1e5 asked for tens of GB: each is exit 2, naming the option."""
+    where = [str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")] if command == "train" else [str(tmp_path / "a.wav")] if command == "detect" else []
+    result = run_cli(command, *where, *args)
+    assert result.returncode == 2 and f"argument {args[0]}" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_the_shortest_window_trains(tmp_path):
     """A 16-frame window (0.16 s) is shorter than the shortest background piece scored as a file (0.3 s)."""
     data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0}, clips=3)
@@ -728,9 +763,9 @@ def test_labels_of_a_path_that_is_no_model_or_of_text_no_label_holds_is_an_error
 
 def test_record_refuses_a_duration_that_is_no_number_or_a_file_it_cannot_write_and_keeps_what_it_wrote(tmp_path):
     src = write_wav(tmp_path / "room.wav", np.random.default_rng(0).normal(0, 0.1, 16000 * 3).astype(np.float32))
-    for flag, value in (("--minutes", "nan"), ("--seconds", "inf")):
+    for flag, value in (("--minutes", "nan"), ("--seconds", "inf"), ("--seconds", "0")):  # an option it cannot read: exit 2
         result = run_cli("record", f"file:{src}", str(tmp_path / "r.wav"), flag, value)
-        assert result.returncode == 1 and "must be a positive number" in result.stderr and "Traceback" not in result.stderr
+        assert result.returncode == 2 and f"argument {flag}" in result.stderr and "Traceback" not in result.stderr, result.stderr
     (tmp_path / "full.wav").symlink_to("/dev/full")
     result = run_cli("record", f"file:{src}", str(tmp_path / "full.wav"), "--seconds", "1")
     assert result.returncode == 1 and "cannot write there" in result.stderr and "Traceback" not in result.stderr
@@ -739,6 +774,31 @@ def test_record_refuses_a_duration_that_is_no_number_or_a_file_it_cannot_write_a
                             capture_output=True, text=True, cwd=REPO, timeout=120, preexec_fn=_file_size_limit(40_000))
     assert result.returncode == 1 and "writing stopped after" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert 0 < len(read_audio(out)) < 3 * 16000  # what was written before the disk filled is a readable file
+
+
+def test_record_ends_at_a_source_failure_and_says_what_it_kept(tmp_path):
+    """A one-shot take is not retried for ever: a dead input retried until killed, leaving an
+    empty file that then blocked the next try; a file that failed part way exited 0."""
+    import soundfile as sf
+
+    result = run_cli("record", f"ffmpeg:{tmp_path / 'nowhere.wav'}", str(tmp_path / "new" / "a.wav"), "--seconds", "2", timeout=60)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "nothing was recorded" in lines[0] and "retrying" not in lines[0], result.stderr
+    assert not (tmp_path / "new").exists()  # neither the take nor the folder made for it
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    result = run_cli("record", f"file:{tmp_path / 'empty.wav'}", str(tmp_path / "e.wav"), timeout=60)
+    assert result.returncode == 1 and "no audio came from it" in result.stderr and not (tmp_path / "e.wav").exists()
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(16000 * 20) / 16000)).astype(np.float32)
+    sf.write(tmp_path / "tone.flac", tone, 16000)
+    blob = bytearray((tmp_path / "tone.flac").read_bytes())
+    for i in range(len(blob) // 2, len(blob) // 2 + 2000):  # a damaged middle: the decoder loses sync there
+        blob[i] = (blob[i] * 7 + 3) % 256
+    (tmp_path / "damaged.flac").write_bytes(bytes(blob))
+    out = tmp_path / "kept.wav"
+    result = run_cli("record", f"file:{tmp_path / 'damaged.flac'}", str(out), "--seconds", "60", timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "decoding failed part way" in lines[0] and f"{out} keeps the" in lines[0], result.stderr
+    assert 0 < len(read_audio(out)) < 20 * 16000
 
 
 def test_record_minutes_writes_as_it_reads(tmp_path):

@@ -50,6 +50,10 @@ def sanitise(samples: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _open(path: Path) -> sf.SoundFile:
+    try:
+        path.stat()
+    except OSError as exc:  # libsndfile would say only "System error." for a loop or a permission
+        raise AudioError(f"{path}: {'no such file' if isinstance(exc, FileNotFoundError) else exc.strerror or exc}") from None
     if not path.exists():
         raise AudioError(f"{path}: no such file")
     if path.is_dir():
@@ -57,6 +61,11 @@ def _open(path: Path) -> sf.SoundFile:
     if not path.is_file():  # a FIFO is opened twice (info, then decoding) and would block for ever; a device never ends
         raise AudioError(f"{path}: not a regular file (a pipe or a device); save the audio to a file, or stream it "
                          f"with an ffmpeg source (type: ffmpeg)")
+    try:
+        with open(path, "rb"):  # a permission problem named as one
+            pass
+    except OSError as exc:
+        raise AudioError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
         f = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as exc:
