@@ -71,8 +71,12 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.output = output
-        self._stop = threading.Event()
-        self._reload = threading.Event()
+        self._stop = threading.Event()  # set by other threads (tests, embedders)
+        # what the signal handlers set: a plain flag, never a lock — an Event.set() in a handler that
+        # interrupts an Event.set() or wait() on the same thread waits for a lock its own frame holds
+        # (a burst of SIGHUPs hung the loop, and SIGTERM with it); the loop reads them every LOOP_INTERVAL_S
+        self._stop_signalled = False
+        self._reload_signalled = False
 
     @property
     def raised(self) -> int:
@@ -155,7 +159,7 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             # a reload asked for while the model loads is kept for when the loop runs (its default
             # action would kill the daemon); SIGTERM/SIGINT keep theirs until ready: nothing to lose yet
-            signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+            signal.signal(signal.SIGHUP, self._on_reload_signal)
         self._build()
         # What exists now (the model, the sources, their rings, the config) lives as long as the
         # daemon: moved out of the collector's sight, a full collection no longer walks ~250k
@@ -181,22 +185,33 @@ class Daemon:
             self._loop()
         finally:
             self._shutdown()
+            if threading.current_thread() is threading.main_thread():
+                # stopped cleanly: a SIGTERM still arriving (a storm; systemd's second) must not turn
+                # exit 0 into death by signal once the interpreter restores the default handlers
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(signum, signal.SIG_IGN)
         return 0
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
-        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        self._stop_signalled = True
+
+    def _on_reload_signal(self, signum, frame) -> None:
+        self._reload_signalled = True  # any number of SIGHUPs before the loop looks: one reload
 
     def _loop(self) -> None:
         watchdog = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
         last_level = last_metrics = 0.0
         source_states: dict[str, str] = {}
-        while not self._stop.wait(LOOP_INTERVAL_S):
-            if self._reload.is_set():
-                self._reload.clear()
+        while not self._stop.wait(LOOP_INTERVAL_S) and not self._stop_signalled:
+            if self._reload_signalled:
+                self._reload_signalled = False
                 self._reload_detect()
             now = time.monotonic()
             for source in self.sources:
@@ -258,8 +273,12 @@ class Daemon:
             c, st = self.journal.counts(), self.mqtt.stats
             for name in ("raised", "delivered", "shed", "pending"):
                 m.journal_events.labels(name).set(getattr(c, name))
-            for name in ("refused", "connect_failures", "connect_refusals", "invalid_topics", "network_restarts"):
+            for name in ("refused", "connect_failures", "connect_refusals", "invalid_topics", "network_restarts", "journal_errors",
+                         "sender_restarts"):
                 m.mqtt_failures.labels(name).set(getattr(st, name))
+            js = self.journal_sink
+            for name, value in (("write_errors", js.write_errors), ("waiting", js.unwritten), ("lost", js.failed)):
+                m.journal_unwritten.labels(name).set(value)
         if self.clips:
             m.clip_errors.set(self.clips.errors)
 
@@ -380,8 +399,9 @@ class Daemon:
             # journal (issue 14): the account across restarts, and the failures seen
             c = self.journal.counts()
             log.info("journal: raised %d = delivered %d + shed %d + pending %d (across restarts); this run: refused %d, "
-                     "write failures %d, connect failures %d, refusals %d", c.raised, c.delivered, c.shed, c.pending,
-                     st.events_refused, self.journal_sink.failed, st.connect_failures, st.connect_refusals)
+                     "write failures %d (events lost %d), connect failures %d, refusals %d", c.raised, c.delivered, c.shed,
+                     c.pending, st.events_refused, self.journal_sink.write_errors, self.journal_sink.failed, st.connect_failures,
+                     st.connect_refusals)
             self.journal.close()
         else:
             log.info("events: raised %d", self.raised)

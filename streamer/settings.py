@@ -169,6 +169,29 @@ class _Checker:
         return value
 
 
+def _tls_problems(tls: TlsSettings) -> list[tuple[str, str]]:
+    """Load the TLS files as the client will, so that a file holding no certificate, or a key
+    that does not fit, is a config error with its key's name (check-config included), not a
+    failure at the first connect."""
+    import ssl
+
+    problems = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.ca_certs:
+        try:
+            context.load_verify_locations(cafile=str(Path(tls.ca_certs).expanduser()))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            problems.append(("ca", f"{tls.ca_certs}: not a PEM CA certificate ({' '.join(str(exc).split())[:120]})"))
+    if tls.certfile:
+        try:
+            context.load_cert_chain(str(Path(tls.certfile).expanduser()), str(Path(tls.keyfile).expanduser()) if tls.keyfile else None,
+                                    tls.keyfile_password)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            problems.append(("cert", f"{tls.certfile}{' with ' + tls.keyfile if tls.keyfile else ''}: not a PEM certificate "
+                                     f"and its key ({' '.join(str(exc).split())[:120]})"))
+    return problems
+
+
 def _mqtt_text_problem(value: str, limit: int) -> str | None:
     """Why ``value`` cannot be an MQTT UTF-8 string (MQTT 5, 1.5.4; what mosquitto enforces), or None."""
     try:
@@ -487,6 +510,17 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
             tls = TlsSettings(ca_certs=check.typed(t, "ca", str, tp), certfile=check.typed(t, "cert", str, tp),
                               keyfile=check.typed(t, "key", str, tp), keyfile_password=check.typed(t, "key_password", str, tp),
                               insecure=check.typed(t, "insecure", bool, tp, TlsSettings.insecure))
+            files_ok = True
+            for key, value in (("ca", tls.ca_certs), ("cert", tls.certfile), ("key", tls.keyfile)):
+                if value is not None and not (isinstance(value, str) and Path(value).expanduser().is_file()):
+                    files_ok = False  # found by check-config, not at connect time
+                    if isinstance(value, str):
+                        check.error(tp + (key,), f"{value}: {'not a file' if Path(value).expanduser().exists() else 'no such file'}")
+            if isinstance(tls.keyfile, str) and not tls.certfile:
+                check.error(tp + ("key",), "a key without its certificate: give mqtt.tls.cert too")
+            elif files_ok:
+                for key, problem in _tls_problems(tls):
+                    check.error(tp + (key,), problem)
         mqtt = MqttSettings(
             host=host or MqttSettings.host,
             port=overrides.get("mqtt_port") or check.typed(q, "port", int, ("mqtt",), MqttSettings.port, 1, 65535),

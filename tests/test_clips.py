@@ -80,3 +80,24 @@ def test_retention_by_size_keeps_the_newest_of_its_own(tmp_path):
     finally:
         writer.close()
     assert [p.exists() for p in ours] == [False, False, True, True] and big_user_file.exists()
+
+
+def test_no_clip_path_is_given_when_the_disk_cannot_hold_the_clip(tmp_path, monkeypatch):
+    """The event goes out with its clip's path before the file is written: on a full disk every OFF
+    named a clip that never came. Now the path is None, and the error is counted."""
+    import shutil
+
+    import streamer.sinks.clips as clips
+
+    ring = RingBuffer(16000 * 10)
+    ring.write(np.full(16000 * 5, 0.1, dtype=np.float32))
+    writer = ClipWriter(ClipSettings(directory=tmp_path / "clips", pre=0.5, post=0.5))
+    try:
+        real = shutil.disk_usage
+        monkeypatch.setattr(clips.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+        assert writer.save(event("kitchen", "dog", 16000), ring) is None and writer.errors == 1
+        monkeypatch.setattr(clips.shutil, "disk_usage", real)
+        path = writer.save(event("kitchen", "dog", 32000), ring)
+        assert path is not None and wait_for(lambda: path.is_file(), 10) and writer.errors == 1
+    finally:
+        writer.close()

@@ -132,6 +132,37 @@ def test_sighup_with_the_detect_section_unchanged_keeps_events_open_and_names_wh
         proc.kill()
 
 
+@pytest.mark.slow
+def test_a_storm_of_signals_gives_reloads_and_a_clean_stop(tmp_path, tiny_checkpoint, scene):
+    """20000 SIGHUPs: a handler's Event.set() interrupting the loop's own Event.set() waited on a
+    lock its frame held — the loop hung (1 run in 3), and SIGTERM with it. Then a SIGTERM storm:
+    the stop is clean (exit 0), not death by a SIGTERM arriving after it."""
+    import threading
+
+    directory, hf = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
+    label = hf.config.id2label[0]
+    always = {"include": [label], "defaults": {"on_threshold": 0.0, "off_threshold": 0.0, "hold": 0}}
+    config = write_config(tmp_path / "streamer.yaml", directory, scene, realtime=True, detect=always, loop=True)
+    proc = daemon(config)
+    err: list[str] = []
+    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
+    try:
+        assert json.loads(proc.stdout.readline())["state"] == "ON"  # running, its signal handlers installed
+        for _ in range(3):
+            for _ in range(20000):
+                os.kill(proc.pid, signal.SIGHUP)
+        raw = json.loads(config.read_text())
+        config.write_text(json.dumps({**raw, "hop": 0.5}))  # a change the next reload names: the loop is alive
+        os.kill(proc.pid, signal.SIGHUP)
+        assert wait_for(lambda: any("changed since start" in line for line in err), 60), "".join(err[-5:])
+        for _ in range(2000):
+            os.kill(proc.pid, signal.SIGTERM)
+        proc.stdout.read()
+        assert proc.wait(timeout=60) == 0, "".join(err[-5:])
+    finally:
+        proc.kill()
+
+
 @pytest.mark.slow  # over 8 s on 2 cores: CI runs it, the fast lane does not
 def test_sighup_reloads_thresholds_and_refuses_a_broken_file(tmp_path, tiny_checkpoint, scene):
     directory, hf = tiny_checkpoint(max_length=128, num_labels=527, seed=4)
@@ -194,6 +225,7 @@ BAD_CONFIGS = [
     ("sources: [{name: a, type: mic}]\nmqtt: {password: '${NO_SUCH_VAR_X}'}\n", "mqtt.password: environment variable NO_SUCH_VAR_X is not set"),
     ("sources: [{name: a, type: mic}\n", "not valid YAML"),
     ("sources: [{name: a, type: mic}]\nmqtt: {enabled: 'false', host: broker}\n", ":2: mqtt.enabled: expected bool, got 'false' (quoted"),
+    ("sources: [{name: a, type: mic}]\nmqtt: {tls: {ca: /nonexistent/ca.pem}}\n", ":2: mqtt.tls.ca: /nonexistent/ca.pem: no such file"),
     ("hop: 1\x00\nsources: [{name: a, type: mic}]\n", ":1: not valid YAML (unacceptable character #x0000"),  # one line, its place
 ]
 
@@ -206,6 +238,20 @@ def test_config_errors_are_reported_with_their_place(tmp_path, text, message):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr, result.stderr
+
+
+def test_tls_files_that_hold_no_certificate_are_config_errors(tmp_path):
+    """A garbage CA or client certificate passed check-config and became `internal error: SSLError`
+    at the daemon's start: it is now named by its key, with its file."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(bytes(range(256)) * 2)
+    for tls, said in (({"ca": str(garbage)}, "mqtt.tls.ca: " + str(garbage) + ": not a PEM CA certificate"),
+                      ({"cert": str(garbage), "key": str(garbage)}, "mqtt.tls.cert: " + str(garbage))):
+        path = tmp_path / "tls.yaml"
+        path.write_text(json.dumps({"sources": [{"name": "a", "type": "mic"}], "mqtt": {"host": "127.0.0.1", "tls": tls}}))
+        result = run_cli("check-config", str(path))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and said in lines[0], result.stderr
 
 
 def test_all_config_errors_at_once(tmp_path):

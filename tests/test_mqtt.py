@@ -163,6 +163,8 @@ def test_wrong_password_is_a_clear_error_that_keeps_retrying(tmp_path, caplog):
         pub.publish_event(event(1))
         time.sleep(2.5)  # retried, still alive, still queued
         assert pub.queue_length() == 3 and pub._sender.is_alive()  # event, state, HA event
+        # a refusal is one (a refusal), not also "the peer ended the connection before accepting it"
+        assert pub.stats.connect_refusals >= 1 and pub.stats.connect_failures == 0 and "before accepting it" not in caplog.text
         pub.stop(timeout=0.5)
         assert "wrong-password" not in caplog.text and "wrong-password" not in repr(pub.settings)
         good = publisher(broker.port, username="streamer", password="s3cret-pw")
@@ -723,3 +725,101 @@ def test_refused_events_are_offered_again_once_the_broker_accepts_them(tmp_path,
         pub.stop(timeout=1)
         sub.close()
         broker.stop()
+
+
+def test_a_journal_that_cannot_mark_deliveries_neither_kills_the_sender_nor_resends(tmp_path, broker):
+    """A full disk under the journal: mark_delivered's failed COMMIT, then its ROLLBACK's own
+    error, killed the sender thread — every later event stayed unsent until a restart, with the
+    broker up. The marks now wait and are made once the journal can be written."""
+    import sqlite3
+
+    sub = Subscriber(broker.port, [daemon_topics().events(STREAM)])
+    journal = EventJournal(tmp_path / "journal.db")
+    pub = MqttPublisher(MqttSettings(host="127.0.0.1", port=broker.port, homeassistant=False, reconnect_min_s=1, reconnect_max_s=1),
+                        {STREAM: [TARGET]}, journal=journal).start()
+    real_mark, full = journal.mark_delivered, [True]
+
+    def mark(seqs):
+        if full[0]:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_mark(seqs)
+
+    journal.mark_delivered = mark
+    try:
+        assert wait_for(lambda: pub.connected, 10)
+        for n in range(5):
+            pub.publish_event(event(n))
+        assert wait_for(lambda: pub.stats.journal_errors >= 1 and len(sub.on(daemon_topics().events(STREAM))) == 5, 10), pub.stats
+        for n in range(5, 8):  # the sender lives on
+            pub.publish_event(event(n))
+        assert wait_for(lambda: len(sub.on(daemon_topics().events(STREAM))) == 8, 10), pub.stats
+        assert journal.counts().pending == 8  # acknowledged, not yet marked
+        full[0] = False  # space again
+        assert wait_for(lambda: journal.counts().pending == 0, 10), pub.stats
+        assert sub.settled() and len(sub.on(daemon_topics().events(STREAM))) == 8  # none sent twice
+        assert pub.stats.sender_restarts == 0 and pub._sender.is_alive()
+    finally:
+        pub.stop(timeout=1)
+        sub.close()
+
+
+def test_a_journal_on_a_full_disk_keeps_events_in_memory_and_writes_them_in_order_later(tmp_path, caplog):
+    """A full disk: the events were lost to MQTT ("lost until it can"), and the error text was the
+    ROLLBACK's ("no transaction is active"), not the disk's. SQLite's page limit stands in for the disk."""
+    journal = EventJournal(tmp_path / "journal.db")
+    heard: list[int] = []
+    sink = JournalSink(journal, [lambda e, seq: heard.append(seq)], backlog_events=50)
+    pages = journal._db.execute("PRAGMA page_count").fetchone()[0]
+    journal._db.execute(f"PRAGMA max_page_count = {pages}")
+    n = 0
+    with caplog.at_level(logging.WARNING, logger="streamer.sinks.journal"):
+        while not sink.write_errors and n < 10_000:  # until the "disk" is full
+            sink.handle(event(n))
+            n += 1
+        written = len(heard)
+        for _ in range(60):
+            sink.handle(event(n))
+            n += 1
+    assert sink.write_errors and sink.unwritten == 50 and sink.failed == 11  # the newest 50 of 61 kept
+    assert "(database or disk is full)" in caplog.text and "no transaction is active" not in caplog.text
+    journal._db.execute("PRAGMA max_page_count = 1000000")  # space again
+    sink.handle(event(n))
+    assert sink.unwritten == 0 and len(heard) == written + 51
+    rows = journal.pending(limit=10_000)
+    assert [r.seq for r in rows] == heard and [r.id for r in rows][written:] == [event(k).id for k in range(n - 50, n + 1)]
+
+
+@pytest.mark.parametrize("answer", [b"", b"\x00garbage that is no MQTT packet\xff" * 4])
+def test_a_peer_that_is_no_broker_is_said_once_and_counted(answer, caplog):
+    """A port that accepts and closes, or answers garbage (a TLS port spoken to in plain MQTT,
+    another service): no line and `connect failures 0`, while events waited."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    stop = threading.Event()
+
+    def serve():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                if answer:
+                    conn.sendall(answer)
+    threading.Thread(target=serve, daemon=True).start()
+    with caplog.at_level(logging.WARNING, logger="streamer.sinks.mqtt"):
+        pub = publisher(server.getsockname()[1])
+        try:
+            assert wait_for(lambda: pub.stats.connect_failures >= 2, 20), pub.stats
+            assert not pub.connected and pub.stats.connect_refusals == 0
+        finally:
+            pub.stop(timeout=1)
+            stop.set()
+            server.close()
+    said = [r.getMessage() for r in caplog.records if "before accepting it" in r.getMessage()]
+    assert len(said) == 1 and "does it expect TLS" in said[0], caplog.text

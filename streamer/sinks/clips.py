@@ -83,6 +83,14 @@ class ClipWriter:
         if audio is None:
             self._error(f"clip for {event.id}: its audio has already left the ring (raise ring_seconds)")
             return None
+        try:  # the event carries the path at once and the file comes later: a full disk must not give a path to nothing
+            free = shutil.disk_usage(self.settings.directory if self.settings.directory.exists() else
+                                     next(p for p in self.settings.directory.parents if p.exists())).free
+        except (OSError, StopIteration):
+            free = None
+        if free is not None and free < audio.nbytes:  # float32 in memory; the FLAC written is about a third of it
+            self._error(f"cannot write clips to {self.settings.directory} (No space left on the device)")
+            return None
         path = self.path_for(event)
         self._queue.put((path, audio))
         return path

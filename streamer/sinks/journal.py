@@ -22,12 +22,14 @@ a fresh one started; the move is counted (``corrupt_files``) in the fresh one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ JOURNAL_FILE = "journal.db"
 DEFAULT_MAX_EVENTS = 100_000
 DEFAULT_MAX_AGE_S = 7 * 86_400.0
 SHED_LOG_INTERVAL_S = 10.0
+UNWRITTEN_BACKLOG_EVENTS = 10_000  # events kept in memory while the journal cannot be written (~5 MB)
 BUSY_TIMEOUT_S = 5.0  # a second process on the same file (check tools) waits this long for the lock
 MEMORY = ":memory:"
 COUNTERS = ("raised", "delivered", "shed", "corrupt_files", "runs")
@@ -95,6 +98,18 @@ class JournalCounts:
 
 class JournalError(StreamerError):
     """The journal file cannot be opened at all (not even a fresh one): a one-line error at start."""
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Undo the open transaction, if there is one: a failed COMMIT (a full disk) may have ended it,
+    and a ROLLBACK's own error must not hide the one that matters."""
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
 
 
 class EventJournal:
@@ -174,7 +189,28 @@ class EventJournal:
 
     # -- writing -------------------------------------------------------------------------
     def append(self, event: Event) -> int:
-        """Write ``event`` durably; return its sequence number. Sheds the oldest rows past the bounds."""
+        """Write ``event`` durably; return its sequence number. Sheds the oldest rows past the bounds.
+
+        A full disk: the write-ahead log is folded back into the database and truncated (it only
+        shrinks at a checkpoint, every ~4 MB: on a small disk it held the space the next write
+        needed, for the rest of the run), and the write is tried once more."""
+        try:
+            return self._append(event)
+        except sqlite3.OperationalError as exc:
+            if not _is_full(exc) or not self._checkpoint():
+                raise
+            return self._append(event)
+
+    def _checkpoint(self) -> bool:
+        """Fold the write-ahead log into the database and truncate it; True when that worked."""
+        with self._lock:
+            try:
+                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error:
+                return False
+        return busy == 0
+
+    def _append(self, event: Event) -> int:
         payload = json.dumps(event.as_dict())
         with self._lock:
             now = self._clock()
@@ -188,7 +224,7 @@ class EventJournal:
                 shed = self._enforce_bounds(now)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
         if shed:
             self._log_shed(shed)
@@ -213,7 +249,7 @@ class EventJournal:
                 shed = self._enforce_bounds(self._clock())
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                _rollback(self._db)
                 raise
         if shed:
             self._log_shed(shed)
@@ -257,7 +293,7 @@ class EventJournal:
                 db.execute("UPDATE counters SET value = value + ? WHERE name = ?", (removed, counter))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
             finally:
                 db.execute("PRAGMA synchronous=FULL")
@@ -301,29 +337,57 @@ class JournalSink:
     name = "journal"
     accepts: tuple[type, ...] = (Event,)
 
-    def __init__(self, journal: EventJournal, listeners: Iterable[Callable[[Event, int], None]] = ()) -> None:
+    def __init__(self, journal: EventJournal, listeners: Iterable[Callable[[Event, int], None]] = (),
+                 backlog_events: int = UNWRITTEN_BACKLOG_EVENTS) -> None:
         self.journal = journal
         self.listeners = list(listeners)
         self.appended = 0
-        self.failed = 0  # events that could not be written (disk full, I/O error): lost, counted, logged
+        self.failed = 0  # events lost: the journal could not be written and the backlog below was full
+        self.write_errors = 0  # writes that failed (disk full, I/O error); their events wait in the backlog
+        self._backlog: deque[Event] = deque()  # not yet written, in order: written (and sent) once the journal can be
+        self._backlog_events = backlog_events
         self._failing = False
 
     def handle(self, item: Event) -> None:
-        try:
-            seq = self.journal.append(item)
-        except sqlite3.Error as exc:
+        self._backlog.append(item)
+        self._flush()
+        while len(self._backlog) > self._backlog_events:  # still failing: the oldest make room, counted as lost
+            self._backlog.popleft()
             self.failed += 1
-            if not self._failing:
-                self._failing = True
-                log.error("journal %s: cannot write events (%s); they are lost until it can (%d so far)",
-                          self.journal.path, exc, self.failed)
-            return
-        if self._failing:
-            self._failing = False
-            log.warning("journal %s: writing again; %d event(s) were lost meanwhile", self.journal.path, self.failed)
-        self.appended += 1
-        for listener in self.listeners:
-            listener(item, seq)
+
+    def _flush(self) -> None:
+        """Write what waits, oldest first; stop at the first failure (the order is kept)."""
+        while self._backlog:
+            event = self._backlog[0]
+            try:
+                seq = self.journal.append(event)
+            except sqlite3.Error as exc:
+                self.write_errors += 1
+                if not self._failing:
+                    self._failing = True
+                    log.error("journal %s: cannot write events (%s); up to %d wait in memory and are written when it "
+                              "can be (lost if the daemon stops first)", self.journal.path, exc, self._backlog_events)
+                return
+            self._backlog.popleft()
+            if self._failing:
+                self._failing = False
+                log.warning("journal %s: writing again%s", self.journal.path,
+                            f"; {self.failed} event(s) lost in all while it could not (the backlog was full)" if self.failed else "")
+            self.appended += 1
+            for listener in self.listeners:
+                listener(event, seq)
+
+    @property
+    def unwritten(self) -> int:
+        """Events waiting in memory for the journal to be writable."""
+        return len(self._backlog)
 
     def close(self) -> None:
-        """The journal outlives the sink: the MQTT sender still drains it; whoever built it closes it."""
+        """The journal outlives the sink: the MQTT sender still drains it; whoever built it closes it.
+        What still waits in memory gets one last try."""
+        self._flush()
+        if self._backlog:
+            log.error("journal %s: %d event(s) could not be written before the stop and are lost", self.journal.path,
+                      len(self._backlog))
+            self.failed += len(self._backlog)
+            self._backlog.clear()

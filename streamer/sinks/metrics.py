@@ -52,6 +52,8 @@ class Metrics:
                                     ["count"], registry=r)
         self.mqtt_failures = Gauge("streamer_mqtt_failures", "MQTT failures this run, by kind (refused publishes, connect failures…)",
                                    ["kind"], registry=r)
+        self.journal_unwritten = Gauge("streamer_journal_unwritten", "Journal writes this run, by outcome: write_errors (failed "
+                                       "tries), waiting (events held in memory until it can be written), lost", ["kind"], registry=r)
         self.clip_errors = Gauge("streamer_clip_errors", "Clips that could not be written", registry=r)
         self.sink_shed = Gauge("streamer_sink_shed", "Items a sink's full queue shed (it could not keep up)", ["sink"], registry=r)
         self.sink_queue = Gauge("streamer_sink_queue_length", "Items waiting for a sink", ["sink"], registry=r)

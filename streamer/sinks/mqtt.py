@@ -45,8 +45,9 @@ topics and a dead network thread are each logged once per change of state and co
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -61,6 +62,7 @@ from paho.mqtt.properties import Properties
 
 from functools import cached_property
 
+from streamer.errors import StreamerError
 from streamer.events import Event
 from streamer.names import host_instance, ident, machine_id
 from streamer.sinks import homeassistant as ha
@@ -77,6 +79,7 @@ JOURNAL_READ_ROWS = 256  # pending rows fetched from the journal per read
 SETTLE_BATCH = INFLIGHT_WINDOW // 4  # acknowledgements marked in the journal together (one transaction)
 HEALTH_CHECK_S = 1.0  # how often an idle sender looks at paho's network thread and the journal's age bound
 NETWORK_RESTART_S = 5.0  # at most one restart of a dead network thread this often
+SENDER_RESTART_S = 1.0  # the sender goes on this long after an error it did not expect
 REFUSED_RETRY_S = 60.0  # events the broker refused are offered again after this long
 MQTT_REFUSAL = 0x80  # reason codes from here up are failures (MQTT 5, 2.4)
 
@@ -165,6 +168,8 @@ class MqttStats:
     events_refused: int = 0
     events_dropped: int = 0  # events shed by the journal's bounds this run
     events_unsent: int = 0  # journal rows still pending at stop (delivered by the next start)
+    journal_errors: int = 0  # acknowledged events the journal could not mark delivered (a full disk): marked later
+    sender_restarts: int = 0  # the sender thread met an error it did not expect and was started again
 
 
 class _RetryNoise(logging.Filter):
@@ -227,6 +232,9 @@ class MqttPublisher:
         self._inflight: dict[int, _Flight] = {}  # mid → publish awaiting its PUBACK
         self._acks: dict[int, Any] = {}  # mid → PUBACK reason code, filled by on_publish
         self._busy: set[int] = set()  # journal seqs in flight or acknowledged but not yet marked
+        self._connack_refused = False  # the last CONNACK was a refusal
+        self._unmarked: list[int] = []  # acknowledged, but the journal could not mark them yet (a full disk)
+        self._marking_failed = False
         self._rows: deque[JournalRow] = deque()  # pending rows read ahead, in order
         self._cursor = 0  # the last journal seq handed to paho (or skipped)
         self._journal_dirty = True  # the journal may hold rows past the cursor
@@ -333,8 +341,13 @@ class MqttPublisher:
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if s.tls is not None:
-            client.tls_set(ca_certs=s.tls.ca_certs, certfile=s.tls.certfile, keyfile=s.tls.keyfile,
-                           keyfile_password=s.tls.keyfile_password)
+            try:
+                client.tls_set(ca_certs=s.tls.ca_certs, certfile=s.tls.certfile, keyfile=s.tls.keyfile,
+                               keyfile_password=s.tls.keyfile_password)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: a file that holds no certificate, a wrong key
+                which = "the CA file" if "CERTIFICATE" in str(exc).upper() and s.tls.ca_certs else "the certificate or key"
+                raise StreamerError(f"mqtt.tls: {which} cannot be used ({' '.join(str(exc).split())[:160]}); give PEM files "
+                                    f"(mqtt.tls.ca, and mqtt.tls.cert with mqtt.tls.key for a client certificate)") from None
             client.tls_insecure_set(s.tls.insecure)
         client.will_set(s.status_topic, "offline", qos=QOS_EVENTS, retain=True)
         client.reconnect_delay_set(min_delay=max(1, int(s.reconnect_min_s)), max_delay=max(1, int(s.reconnect_max_s)))
@@ -369,6 +382,7 @@ class MqttPublisher:
                 log.log(level, "mqtt: %s%s", error, f"; {hint}" if hint else "")
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connack_refused = reason_code.is_failure  # the disconnect that follows a refusal is not another failure
         if reason_code.is_failure:
             self.stats.connect_refusals += 1
             self._connection_state(f"broker {self.settings.host}:{self.settings.port} refused the connection: {reason_code}",
@@ -409,6 +423,13 @@ class MqttPublisher:
             if not self._stopping:
                 self._connection_state(f"disconnected from {self.settings.host}:{self.settings.port} ({reason_code})",
                                        logging.WARNING, "reconnecting")
+        elif self._connack_refused:
+            self._connack_refused = False
+        elif not self._stopping:  # reached, but no CONNACK: closed, garbage, a TLS port spoken to in plain MQTT, a silent peer
+            self.stats.connect_failures += 1
+            self._connection_state(f"the peer at {self.settings.host}:{self.settings.port} ended the connection before "
+                                   f"accepting it ({reason_code})", logging.WARNING,
+                                   "is it an MQTT broker, and does it expect TLS (mqtt.tls)? retrying with backoff")
 
     def _on_message(self, client, userdata, message) -> None:
         """Home Assistant births, retained discovery configs and the instance's owner."""
@@ -584,6 +605,22 @@ class MqttPublisher:
         return not self._queue and not self._inflight and not self._rows and not self._journal_dirty and not self._acks
 
     def _send_loop(self) -> None:
+        """The sender thread: an error it did not expect is logged, counted, and it goes on —
+        dead, it would leave every event in the journal unsent until a restart, in silence."""
+        while True:
+            try:
+                self._send_until_stopped()
+                return
+            except Exception:
+                self.stats.sender_restarts += 1
+                log.exception("mqtt: the sender failed (%d time(s)); it goes on in %.0f s", self.stats.sender_restarts,
+                              SENDER_RESTART_S)
+                with self._cond:
+                    if self._stopping:
+                        return
+                    self._cond.wait(SENDER_RESTART_S)
+
+    def _send_until_stopped(self) -> None:
         while True:
             with self._cond:
                 busy = self.connected and len(self._inflight) < INFLIGHT_WINDOW and (
@@ -592,6 +629,7 @@ class MqttPublisher:
             if settle:  # in batches while sending, at once when there is nothing else to do
                 self._settle()
             item: Message | JournalRow | None = None
+            retry_marks = False
             with self._cond:
                 if self._stopping:
                     return
@@ -609,9 +647,14 @@ class MqttPublisher:
                         continue
                     self._cond.wait(HEALTH_CHECK_S)
                     self._housekeeping()
-                    continue
+                    if not self._unmarked:
+                        continue
+                    retry_marks = True  # idle with marks the journal could not take: tried again now
                 else:
                     continue  # acknowledgements to settle first
+            if retry_marks:
+                self._settle()
+                continue
             if item is None:
                 item = self._next_row()
                 if item is None:
@@ -692,7 +735,7 @@ class MqttPublisher:
         """Account for every acknowledged publish: mark events delivered (one transaction)."""
         delivered: list[int] = []
         with self._cond:
-            if not self._acks:
+            if not self._acks and not self._unmarked:
                 return
             for mid in [m for m in self._acks if m in self._inflight]:
                 flight, reason = self._inflight.pop(mid), self._acks.pop(mid)
@@ -707,12 +750,28 @@ class MqttPublisher:
             if delivered and self._refusing:
                 self._refusing = False
                 log.info("mqtt: the broker accepts publishes again")
-        if delivered:
-            self.journal.mark_delivered(delivered)
+        with self._cond:
+            self.stats.events_delivered += len(delivered)
+            batch, self._unmarked = self._unmarked + delivered, []
+        if not batch:
+            return
+        try:
+            self.journal.mark_delivered(batch)
+        except sqlite3.Error as exc:  # a full disk: the broker has them; kept busy (not sent again) and marked later
             with self._cond:
-                self.stats.events_delivered += len(delivered)
-                self._busy.difference_update(delivered)
-                self._cond.notify_all()
+                self._unmarked = batch + self._unmarked
+                self.stats.journal_errors += 1
+            if not self._marking_failed:
+                self._marking_failed = True
+                log.error("mqtt: the journal cannot mark %d delivered event(s) (%s); tried again while running "
+                          "(unmarked at exit, they are sent again by the next start)", len(batch), exc)
+            return
+        if self._marking_failed:
+            self._marking_failed = False
+            log.warning("mqtt: the journal marks delivered events again")
+        with self._cond:
+            self._busy.difference_update(batch)
+            self._cond.notify_all()
 
     def _refused(self, flight: _Flight, reason: Any) -> None:
         """A PUBACK with a failure reason: never delivered; the event stays pending. Lock held."""
