@@ -7,7 +7,6 @@ import logging
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

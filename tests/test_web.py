@@ -25,7 +25,7 @@ from mqtt_helpers import Broker, free_port, wait_for
 from streamer.capture.files import read_audio
 from streamer.events import Event
 from streamer.settings import ConfigError, parse_config
-from streamer.sinks.base import Level, Scores, SourceStatus, Spectrogram
+from streamer.sinks.base import Level, Scores, Spectrogram
 from streamer.sinks.history import HistorySink, HistoryStore
 from streamer.sinks.web import SPECTRO_FRAME_STEP, SpectrogramTap, WebSettings, WebSink
 from web_helpers import ARTIFACTS, launch_browser, lively_checkpoint
