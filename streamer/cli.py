@@ -213,6 +213,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             f" and its thresholds.json ({len(thresholds)} labels)" if thresholds else "")
         for pattern in config.detect.unmatched(labels):
             print(f"streamer: warning: {args.config}: detect.include {pattern!r} matches none of the model's labels", file=sys.stderr)
+    from streamer.capture.files import audio_info
+
+    for index, source in enumerate(config.sources):  # the daemon starts without it, and that source fails until it is fixed
+        if source.type == "file" and source.path:
+            try:
+                audio_info(Path(source.path).expanduser())
+            except StreamerError as exc:
+                print(f"streamer: warning: {args.config}: sources[{index}] {source.name}: {exc} (the daemon starts, and this "
+                      f"source fails until that is mended)", file=sys.stderr)
     print(f"{args.config}: OK — {len(config.sources)} source(s), hop {'auto' if config.hop_auto else f'{config.hop} s'}, "
           f"MQTT {'on' if config.mqtt else 'off'}, model {config.model.path}; {checked}")
     return 0

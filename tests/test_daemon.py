@@ -254,6 +254,19 @@ def test_tls_files_that_hold_no_certificate_are_config_errors(tmp_path):
         assert result.returncode == 2 and len(lines) == 1 and said in lines[0], result.stderr
 
 
+def test_check_config_warns_of_a_file_source_that_cannot_be_read(tmp_path, tiny_checkpoint):
+    """A missing or undecodable file source passed as OK: the daemon starts, and that source fails."""
+    (tmp_path / "notes.wav").write_text("not audio")
+    path = tmp_path / "files.yaml"
+    path.write_text(json.dumps({"sources": [{"name": "gone", "type": "file", "path": str(tmp_path / "gone.wav")},
+                                            {"name": "notes", "type": "file", "path": str(tmp_path / "notes.wav")}],
+                                "model": {"path": str(tiny_checkpoint(num_labels=3)[0])}}))
+    result = run_cli("check-config", str(path))
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 2 and "sources[0] gone" in warnings[0] and "no such file" in warnings[0], result.stderr
+    assert "sources[1] notes" in warnings[1] and "cannot decode audio" in warnings[1] and result.returncode == 0
+
+
 def test_all_config_errors_at_once(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("modle: {}\nhop: 0.015\nsources: [{name: a, type: file}]\n")
