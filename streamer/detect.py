@@ -153,14 +153,15 @@ def check_output(path: Path) -> None:
 def replaced_atomically(path: Path, mode: str = "w"):
     """A file object whose content replaces ``path`` only once it is whole: a full disk or a
     failure half way leaves the earlier file as it was, and no half-written one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    target = Path(os.path.realpath(path))  # through a symlink, as open() writes: the link stays a link
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as out:
             yield out
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # as open() would have made it, not mkstemp's 0600
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
