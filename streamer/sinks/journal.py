@@ -43,6 +43,8 @@ JOURNAL_FILE = "journal.db"
 DEFAULT_MAX_EVENTS = 100_000
 DEFAULT_MAX_AGE_S = 7 * 86_400.0
 SHED_LOG_INTERVAL_S = 10.0
+WAL_CHECKPOINT_PAGES = 64  # ~256 KB of write-ahead log between checkpoints (an event is ~0.5 KB)
+WAL_PAGE_BYTES = 4096  # SQLite's default page size
 UNWRITTEN_BACKLOG_EVENTS = 10_000  # events kept in memory while the journal cannot be written (~5 MB)
 BUSY_TIMEOUT_S = 5.0  # a second process on the same file (check tools) waits this long for the lock
 MEMORY = ":memory:"
@@ -143,6 +145,10 @@ class EventJournal:
                 if str(mode).lower() != "wal":
                     log.warning("journal %s: WAL mode unavailable (%s); using it anyway", self.path, mode)
             db.execute("PRAGMA synchronous=FULL")  # an appended event survives a power cut
+            # the write-ahead log folded back every WAL_CHECKPOINT_PAGES and kept at most that size: at
+            # SQLite's 1000 pages it held ~4 MB, which on a small disk was the space every later write needed
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_CHECKPOINT_PAGES * WAL_PAGE_BYTES}")
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(f"integrity check: {check}")

@@ -428,7 +428,7 @@ class MqttPublisher:
         elif not self._stopping:  # reached, but no CONNACK: closed, garbage, a TLS port spoken to in plain MQTT, a silent peer
             self.stats.connect_failures += 1
             self._connection_state(f"the peer at {self.settings.host}:{self.settings.port} ended the connection before "
-                                   f"accepting it ({reason_code})", logging.WARNING,
+                                   f"accepting it", logging.WARNING,  # its reason code varies by try: one line, not one per code
                                    "is it an MQTT broker, and does it expect TLS (mqtt.tls)? retrying with backoff")
 
     def _on_message(self, client, userdata, message) -> None:
