@@ -394,7 +394,7 @@ class Daemon:
         if self.mqtt:
             self.mqtt.stop(timeout=STOP_TIMEOUT_S)
             st = self.mqtt.stats
-            log.info("events: raised %d; mqtt delivered %d, dropped %d (queue full), unsent %d (broker unreachable at exit)",
+            log.info("events: raised %d; mqtt delivered %d, dropped %d (queue full), unsent %d (not acknowledged by the stop: kept in the journal for the next start)",
                      self.raised, st.events_delivered, st.events_dropped, st.events_unsent)
             # journal (issue 14): the account across restarts, and the failures seen
             c = self.journal.counts()
