@@ -214,11 +214,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for pattern in config.detect.unmatched(labels):
             print(f"streamer: warning: {args.config}: detect.include {pattern!r} matches none of the model's labels", file=sys.stderr)
     from streamer.capture.files import audio_info
+    from streamer.settings import _expand_user
 
     for index, source in enumerate(config.sources):  # the daemon starts without it, and that source fails until it is fixed
         if source.type == "file" and source.path:
             try:
-                audio_info(Path(source.path).expanduser())
+                audio_info(_expand_user(Path(source.path)))
             except StreamerError as exc:
                 print(f"streamer: warning: {args.config}: sources[{index}] {source.name}: {exc} (the daemon starts, and this "
                       f"source fails until that is mended)", file=sys.stderr)

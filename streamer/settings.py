@@ -179,12 +179,12 @@ def _tls_problems(tls: TlsSettings) -> list[tuple[str, str]]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if tls.ca_certs:
         try:
-            context.load_verify_locations(cafile=str(Path(tls.ca_certs).expanduser()))
+            context.load_verify_locations(cafile=str(_expand_user(Path(tls.ca_certs))))
         except (ssl.SSLError, OSError, ValueError) as exc:
             problems.append(("ca", f"{tls.ca_certs}: not a PEM CA certificate ({' '.join(str(exc).split())[:120]})"))
     if tls.certfile:
         try:
-            context.load_cert_chain(str(Path(tls.certfile).expanduser()), str(Path(tls.keyfile).expanduser()) if tls.keyfile else None,
+            context.load_cert_chain(str(_expand_user(Path(tls.certfile))), str(_expand_user(Path(tls.keyfile))) if tls.keyfile else None,
                                     tls.keyfile_password)
         except (ssl.SSLError, OSError, ValueError) as exc:
             problems.append(("cert", f"{tls.certfile}{' with ' + tls.keyfile if tls.keyfile else ''}: not a PEM certificate "
@@ -512,10 +512,10 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
                               insecure=check.typed(t, "insecure", bool, tp, TlsSettings.insecure))
             files_ok = True
             for key, value in (("ca", tls.ca_certs), ("cert", tls.certfile), ("key", tls.keyfile)):
-                if value is not None and not (isinstance(value, str) and Path(value).expanduser().is_file()):
+                if value is not None and not (isinstance(value, str) and _expand_user(Path(value)).is_file()):
                     files_ok = False  # found by check-config, not at connect time
                     if isinstance(value, str):
-                        check.error(tp + (key,), f"{value}: {'not a file' if Path(value).expanduser().exists() else 'no such file'}")
+                        check.error(tp + (key,), f"{value}: {'not a file' if _expand_user(Path(value)).exists() else 'no such file'}")
             if isinstance(tls.keyfile, str) and not tls.certfile:
                 check.error(tp + ("key",), "a key without its certificate: give mqtt.tls.cert too")
             elif files_ok:

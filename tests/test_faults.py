@@ -347,9 +347,12 @@ def test_disk_full_still_publishes_every_event_and_logs_once_per_interval(tmp_pa
     out, err = proc.files[0].read_text(), proc.files[1].read_text()
     events = [json.loads(line) for line in out.splitlines()]
     offs = [e for e in events if e["state"] == "OFF"]
-    assert all(e["clip"] for e in offs)  # the clip's path is announced with the event, before it is written
-    saved = [e for e in offs if Path(e["clip"]).exists()]
+    # the clip's path is announced with the event, before it is written: once the disk cannot hold
+    # a clip, its event has none (it named files that never came); a path given just before the
+    # disk filled may still be left without its file, as the writer is behind the events
+    saved = [e for e in offs if e["clip"] and Path(e["clip"]).exists()]
     assert len(offs) >= 10 and 0 < len(saved) < len(offs)  # some clips fit, then the disk was full
+    assert any(e["clip"] is None for e in offs)
     assert all(Path(e["clip"]).stat().st_size > 0 for e in saved)  # and no half-written ones are left
     assert len(list((tiny_disk / "clips").glob("*.flac"))) == len(saved)
     assert err.count("cannot write clips") == 1 and "No space left" in err  # once per interval, not per event

@@ -52,8 +52,9 @@ def sanitise(samples: np.ndarray) -> tuple[np.ndarray, int]:
 def _open(path: Path) -> sf.SoundFile:
     try:
         path.stat()
-    except OSError as exc:  # libsndfile would say only "System error." for a loop or a permission
-        raise AudioError(f"{path}: {'no such file' if isinstance(exc, FileNotFoundError) else exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # libsndfile would say only "System error." for a loop or a permission
+        why = "no such file" if isinstance(exc, FileNotFoundError) else getattr(exc, "strerror", None) or str(exc)
+        raise AudioError(f"{path}: {why}") from None
     if not path.exists():
         raise AudioError(f"{path}: no such file")
     if path.is_dir():

@@ -33,7 +33,7 @@ from streamer.names import ident
 log = logging.getLogger(__name__)
 
 ERROR_LOG_INTERVAL_S = 60.0
-CLIP_BYTES_PER_SAMPLE = 2  # the clip's PCM_16 size: FLAC (noise at worst) needs no more than that
+CLIP_MIN_FREE_BYTES = 64 * 1024  # under this the disk is full for a clip (a second of noise is ~32 KB of FLAC)
 CLIP_PREFIX = "streamer-"
 CLIP_SUFFIX = ".flac"
 CLIP_NAME = re.compile(r"streamer-[a-z0-9_-]+-[a-z0-9_-]+-\d{8}T\d{6}Z-\d+\.flac")
@@ -89,7 +89,7 @@ class ClipWriter:
                                      next(p for p in self.settings.directory.parents if p.exists())).free
         except (OSError, StopIteration):
             free = None
-        if free is not None and free < audio.size * CLIP_BYTES_PER_SAMPLE:  # 16-bit FLAC: at most about its PCM size
+        if free is not None and free < CLIP_MIN_FREE_BYTES:  # a full disk (FLAC's size is unknown before: silence packs small)
             self._error(f"cannot write clips to {self.settings.directory} (No space left on the device)")
             return None
         path = self.path_for(event)
