@@ -196,6 +196,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from streamer.model.checkpoint import _looks_like_hub_id
 
     config = load_config(args.config)
+    if config.mqtt and config.mqtt.tls:
+        from streamer.settings import tls_file_problems
+
+        if problems := tls_file_problems(config.mqtt.tls):
+            raise ConfigError([f"{args.config}: mqtt.tls.{key}: {problem}" for key, problem in problems])
     labels, why = model_labels(config.model.path)
     local = Path(config.model.path).expanduser()
     if labels is None and (local.is_dir() or not _looks_like_hub_id(config.model.path)):  # `run` would refuse it too

@@ -169,13 +169,18 @@ class _Checker:
         return value
 
 
-def _tls_problems(tls: TlsSettings) -> list[tuple[str, str]]:
-    """Load the TLS files as the client will, so that a file holding no certificate, or a key
-    that does not fit, is a config error with its key's name (check-config included), not a
-    failure at the first connect."""
+def tls_file_problems(tls: TlsSettings) -> list[tuple[str, str]]:
+    """(key, problem) for each TLS file that is missing or holds no certificate, loaded as the
+    client will load them: `check-config` names them (the daemon's start says the same in one
+    line). Not part of parsing: a config stays valid text whatever the files hold today."""
     import ssl
 
     problems = []
+    for key, value in (("ca", tls.ca_certs), ("cert", tls.certfile), ("key", tls.keyfile)):
+        if isinstance(value, str) and not _expand_user(Path(value)).is_file():
+            problems.append((key, f"{value}: {'not a file' if _expand_user(Path(value)).exists() else 'no such file'}"))
+    if problems:
+        return problems
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if tls.ca_certs:
         try:
@@ -510,17 +515,8 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
             tls = TlsSettings(ca_certs=check.typed(t, "ca", str, tp), certfile=check.typed(t, "cert", str, tp),
                               keyfile=check.typed(t, "key", str, tp), keyfile_password=check.typed(t, "key_password", str, tp),
                               insecure=check.typed(t, "insecure", bool, tp, TlsSettings.insecure))
-            files_ok = True
-            for key, value in (("ca", tls.ca_certs), ("cert", tls.certfile), ("key", tls.keyfile)):
-                if value is not None and not (isinstance(value, str) and _expand_user(Path(value)).is_file()):
-                    files_ok = False  # found by check-config, not at connect time
-                    if isinstance(value, str):
-                        check.error(tp + (key,), f"{value}: {'not a file' if _expand_user(Path(value)).exists() else 'no such file'}")
             if isinstance(tls.keyfile, str) and not tls.certfile:
                 check.error(tp + ("key",), "a key without its certificate: give mqtt.tls.cert too")
-            elif files_ok:
-                for key, problem in _tls_problems(tls):
-                    check.error(tp + (key,), problem)
         mqtt = MqttSettings(
             host=host or MqttSettings.host,
             port=overrides.get("mqtt_port") or check.typed(q, "port", int, ("mqtt",), MqttSettings.port, 1, 65535),

@@ -225,7 +225,7 @@ BAD_CONFIGS = [
     ("sources: [{name: a, type: mic}]\nmqtt: {password: '${NO_SUCH_VAR_X}'}\n", "mqtt.password: environment variable NO_SUCH_VAR_X is not set"),
     ("sources: [{name: a, type: mic}\n", "not valid YAML"),
     ("sources: [{name: a, type: mic}]\nmqtt: {enabled: 'false', host: broker}\n", ":2: mqtt.enabled: expected bool, got 'false' (quoted"),
-    ("sources: [{name: a, type: mic}]\nmqtt: {tls: {ca: /nonexistent/ca.pem}}\n", ":2: mqtt.tls.ca: /nonexistent/ca.pem: no such file"),
+    ("sources: [{name: a, type: mic}]\nmqtt: {tls: {ca: /nonexistent/ca.pem}}\n", "mqtt.tls.ca: /nonexistent/ca.pem: no such file"),
     ("hop: 1\x00\nsources: [{name: a, type: mic}]\n", ":1: not valid YAML (unacceptable character #x0000"),  # one line, its place
 ]
 

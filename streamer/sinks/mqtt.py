@@ -341,6 +341,9 @@ class MqttPublisher:
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if s.tls is not None:
+            for key, value in (("ca", s.tls.ca_certs), ("cert", s.tls.certfile), ("key", s.tls.keyfile)):
+                if value and not os.path.isfile(os.path.expanduser(value)):
+                    raise StreamerError(f"mqtt.tls.{key}: {value}: no such file")
             try:
                 client.tls_set(ca_certs=s.tls.ca_certs, certfile=s.tls.certfile, keyfile=s.tls.keyfile,
                                keyfile_password=s.tls.keyfile_password)
