@@ -84,6 +84,7 @@ def test_broker_down_at_start_killed_and_restarted_every_event_accounted_for(tmp
     broker = Broker(tmp_path, persistence=True)
     # a recorder with a persistent session: the broker keeps its messages while it is away
     sub = Subscriber(broker.port, [D.events("scene")], client_id="recorder", persistent=True)
+    assert sub.settled()  # the broker has taken the subscription (and keeps it in the session) before it goes down
     broker.stop()
     config = write_config(tmp_path, model, [file_source("scene", scene)],
                           mqtt={"host": "127.0.0.1", "port": broker.port, "homeassistant": False})

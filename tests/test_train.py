@@ -605,15 +605,21 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_
 def test_an_interrupted_training_leaves_no_model_folder(tmp_path, signum):
     data = tone_data(tmp_path / "data", {"hum": 300.0, "beep": 900.0})
     out = tmp_path / "new" / "m"
+    # SIGINT as a terminal gives it: a suite started in the background (`pytest &`) hands its children
+    # SIGINT ignored, and Python then installs no Ctrl-C handler
     proc = subprocess.Popen([sys.executable, "-m", "streamer", "train", str(data), "--out", str(out), "--steps", "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    for line in proc.stdout:  # await the first step, however slow the machine
-        if line.startswith("step "):
-            break
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
-    assert not (tmp_path / "new").exists()
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in proc.stdout:  # await the first step, however slow the machine
+            if line.startswith("step "):
+                break
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+        assert not (tmp_path / "new").exists()
+    finally:
+        proc.kill()
 
 
 def test_an_interrupt_while_validating_keeps_the_earlier_model_whole(tmp_path, monkeypatch):
