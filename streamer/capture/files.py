@@ -55,8 +55,6 @@ def _open(path: Path) -> sf.SoundFile:
     except (OSError, ValueError) as exc:  # libsndfile would say only "System error." for a loop or a permission
         why = "no such file" if isinstance(exc, FileNotFoundError) else getattr(exc, "strerror", None) or str(exc)
         raise AudioError(f"{path}: {why}") from None
-    if not path.exists():
-        raise AudioError(f"{path}: no such file")
     if path.is_dir():
         raise AudioError(f"{path}: is a directory, not an audio file")
     if not path.is_file():  # a FIFO is opened twice (info, then decoding) and would block for ever; a device never ends
@@ -93,13 +91,13 @@ def _check_header(path: Path, f: sf.SoundFile) -> None:
     cut = _CUT_SHORT.search(f.extra_info or "")
     if cut and int(cut.group(1)) not in _UNKNOWN_LENGTH and int(cut.group(2)) < int(cut.group(1)):
         promised, held = int(cut.group(1)), int(cut.group(2))
+        bytes_per_s = max(1, f.samplerate * f.channels * _bytes_per_sample(f))
         key = (str(path), held)
         if key in _cut_short_said:
             return
         _cut_short_said.add(key)
         log.warning("%s: cut short: its header promises %.2f s, the file holds %.2f s; reading what it holds",
-                    path, promised / max(1, f.samplerate * f.channels * _bytes_per_sample(f)),
-                    held / max(1, f.samplerate * f.channels * _bytes_per_sample(f)))
+                    path, promised / bytes_per_s, held / bytes_per_s)
 
 
 def _bytes_per_sample(f: sf.SoundFile) -> int:

@@ -110,10 +110,6 @@ def _rollback(db: sqlite3.Connection) -> None:
             db.execute("ROLLBACK")
 
 
-def _is_full(exc: sqlite3.Error) -> bool:
-    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
-
-
 class EventJournal:
     """Append-only event log with delivery marks, bounded by count and age.
 
@@ -195,28 +191,7 @@ class EventJournal:
 
     # -- writing -------------------------------------------------------------------------
     def append(self, event: Event) -> int:
-        """Write ``event`` durably; return its sequence number. Sheds the oldest rows past the bounds.
-
-        A full disk: the write-ahead log is folded back into the database and truncated (it only
-        shrinks at a checkpoint, every ~4 MB: on a small disk it held the space the next write
-        needed, for the rest of the run), and the write is tried once more."""
-        try:
-            return self._append(event)
-        except sqlite3.OperationalError as exc:
-            if not _is_full(exc) or not self._checkpoint():
-                raise
-            return self._append(event)
-
-    def _checkpoint(self) -> bool:
-        """Fold the write-ahead log into the database and truncate it; True when that worked."""
-        with self._lock:
-            try:
-                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            except sqlite3.Error:
-                return False
-        return busy == 0
-
-    def _append(self, event: Event) -> int:
+        """Write ``event`` durably; return its sequence number. Sheds the oldest rows past the bounds."""
         payload = json.dumps(event.as_dict())
         with self._lock:
             now = self._clock()

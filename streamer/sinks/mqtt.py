@@ -341,9 +341,10 @@ class MqttPublisher:
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if s.tls is not None:
-            for key, value in (("ca", s.tls.ca_certs), ("cert", s.tls.certfile), ("key", s.tls.keyfile)):
-                if value and not os.path.isfile(os.path.expanduser(value)):
-                    raise StreamerError(f"mqtt.tls.{key}: {value}: no such file")
+            from streamer.settings import tls_file_problems  # noqa: PLC0415 - settings imports this module
+
+            if problems := tls_file_problems(s.tls):  # what check-config says, said at start in one line
+                raise StreamerError("; ".join(f"mqtt.tls.{key}: {problem}" for key, problem in problems))
             try:
                 client.tls_set(ca_certs=s.tls.ca_certs, certfile=s.tls.certfile, keyfile=s.tls.keyfile,
                                keyfile_password=s.tls.keyfile_password)
@@ -762,7 +763,7 @@ class MqttPublisher:
             self.journal.mark_delivered(batch)
         except sqlite3.Error as exc:  # a full disk: the broker has them; kept busy (not sent again) and marked later
             with self._cond:
-                self._unmarked = batch + self._unmarked
+                self._unmarked = batch
                 self.stats.journal_errors += 1
             if not self._marking_failed:
                 self._marking_failed = True
