@@ -348,6 +348,39 @@ def test_cli_default_steps_are_the_recipe_default():
     assert DEFAULT_TRAIN_STEPS == DEFAULT_STEPS == TrainSettings().steps and TrainSettings().minutes is None
 
 
+def test_a_fresh_models_attention_starts_mimetic():
+    """From scratch, every head's queries·keys start near +β I (a token attends to tokens like it)
+    and each layer's values through its projection near −β I; the earlier init gives neither."""
+    from streamer import train as train_module
+    from streamer.model.ast import AudioSpectrogramTransformer
+    from streamer.model.config import ASTConfig
+
+    config = ASTConfig(**train_module.PRESETS["tiny"], max_length=128, frequency_stride=10, time_stride=10,
+                       labels=("a", "b"), problem_type="multi_label_classification")
+
+    def products(init: str) -> tuple[float, float, float]:
+        torch.manual_seed(0)
+        model = AudioSpectrogramTransformer(config)
+        saved, train_module.ATTN_INIT = train_module.ATTN_INIT, init
+        try:
+            train_module._init(model)
+        finally:
+            train_module.ATTN_INIT = saved
+        attn, dim = model.blocks[0].attn, config.hidden_size
+        w = attn.qkv.weight.detach()
+        hd = attn.head_dim
+        qk = torch.stack([w[h * hd:(h + 1) * hd].T @ w[dim + h * hd:dim + (h + 1) * hd] for h in range(attn.num_heads)])
+        vo = w[2 * dim:].T @ attn.proj.weight.detach().T  # x -> x @ Wv.T @ Wproj.T
+        off = qk - torch.diag_embed(torch.diagonal(qk, dim1=1, dim2=2))
+        return float(torch.diagonal(qk, dim1=1, dim2=2).mean()), float(off.abs().mean()), float(torch.diagonal(vo).mean())
+
+    qk_diag, qk_off, vo_diag = products("mimetic")
+    assert qk_diag > 5 * qk_off and qk_diag > 0.2  # rank head_dim of 0.7 Z + 0.7 I: a third of β on the diagonal, and more
+    assert vo_diag == pytest.approx(-train_module.MIMETIC_VO[1], abs=0.05)
+    qk_diag, qk_off, vo_diag = products("default")
+    assert abs(qk_diag) < qk_off and abs(vo_diag) < 0.05
+
+
 def test_a_short_clip_is_padded_for_training_as_detect_pads_it():
     """Training's features of a clip shorter than the window equal the frontend's padded window."""
     from streamer.features.fbank import clip_features
