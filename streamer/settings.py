@@ -597,8 +597,11 @@ def parse_config(raw: Any, source: str = "config", lines: dict | None = None, ov
                                                        or WebSettings.history)),
         history_days=float(check.typed(w, "history_days", (int, float), ("web",), WebSettings.history_days, 0.001, 36500)),
     )
-    if web.token is not None and len(web.token) < WEB_TOKEN_MIN_CHARS:
-        check.error(("web", "token"), f"too short: use at least {WEB_TOKEN_MIN_CHARS} characters (not shown: a secret)")
+    if web.token is not None and len(web.token.strip()) < WEB_TOKEN_MIN_CHARS:
+        check.error(("web", "token"), f"too short: use at least {WEB_TOKEN_MIN_CHARS} characters, not counting spaces (not shown: a secret)")
+    elif web.token is not None and web.token != web.token.strip():
+        check.error(("web", "token"), "starts or ends with a space or line break, which a browser's Bearer header drops: "
+                                      "remove it (not shown: a secret)")
     if web.enabled and not web.token and not is_loopback(web.host):
         check.error(("web", "host"), f"{web.host} is reachable from other machines: set web.token "
                     "(e.g. ${STREAMER_WEB_TOKEN}) or bind 127.0.0.1")

@@ -103,6 +103,10 @@ def test_config_refuses_a_lan_binding_without_a_token_and_never_shows_it():
     with pytest.raises(ConfigError) as short:
         parse_config({**base, "web": {"enabled": True, "host": "0.0.0.0", "token": "hunter2"}})
     assert "web.token: too short" in str(short.value) and "hunter2" not in str(short.value)
+    for spaced in (" " * 20, f" {TOKEN}", f"{TOKEN}\n"):  # a Bearer header drops them: the token could never match
+        with pytest.raises(ConfigError, match=r"web\.token: (too short|starts or ends with a space)") as bad:
+            parse_config({**base, "web": {"enabled": True, "host": "0.0.0.0", "token": spaced}})
+        assert TOKEN not in str(bad.value)
     cfg = parse_config({**base, "web": {"enabled": True, "host": "::", "token": TOKEN}})
     assert TOKEN not in repr(cfg)
     assert parse_config({**base, "web": {"enabled": True, "host": "::1"}}).web.token is None  # loopback: fine
@@ -205,6 +209,95 @@ def test_history_api_filters_and_refuses_bad_numbers_in_one_line(lan_server):
     for bad in ("since=yesterday", "until=nan", "limit=inf"):
         status, _, body = raw_get(lan_server.port, f"/api/history?{bad}", auth)
         assert status == 400 and body.count(b"\n") == 1, bad
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send bytes as they are (a malformed request too); what the server answers before it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return data
+
+
+def test_hostile_requests_are_refused_counted_and_never_logged_with_their_bytes(lan_server, caplog):
+    """What a client on the LAN can send without the token: one answer each, no traceback, no
+    token in the log (aiohttp logs a request that breaks its parser with the request's bytes)."""
+    caplog.set_level(logging.DEBUG)
+    port, auth = lan_server.port, {"Authorization": f"Bearer {TOKEN}"}
+
+    def status(data: bytes) -> int:
+        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0  # 0: closed without an answer
+
+    # a token that is not UTF-8 (in the header and in the cookie): refused as any wrong token
+    for line in (b"Authorization: Bearer \xff\xfe", b"Cookie: streamer_token=\xff"):
+        assert status(raw_exchange(port, b"GET /api/state HTTP/1.1\r\nHost: box\r\n" + line + b"\r\nConnection: close\r\n\r\n")) == 401
+    assert lan_server.unauthorized == 2
+    # the token beside a cookie line too long for the parser, in a query too long, in a folded
+    # header; too many headers; both a length and chunked
+    too_long = f"Cookie: streamer_token={TOKEN}; other_app=" + "x" * 9000
+    bad = [f"GET / HTTP/1.1\r\nHost: box\r\n{too_long}\r\n\r\n",
+           f"GET /api/history?token={TOKEN}&stream={'y' * 9000} HTTP/1.1\r\nHost: box\r\n\r\n",
+           f"GET / HTTP/1.1\r\nHost: box\r\nX-A: 1\r\n Authorization: Bearer {TOKEN}\r\n\r\n",
+           "GET / HTTP/1.1\r\nHost: box\r\n" + "".join(f"X-{i}: {i}\r\n" for i in range(60)) + "\r\n",
+           "POST / HTTP/1.1\r\nHost: box\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc"]
+    for request in bad:
+        assert status(raw_exchange(port, request.encode())) in (0, 400, 413, 431), request[:40]
+    assert wait_for(lambda: lan_server.bad_requests >= len(bad), 10)
+    # a name longer than the file system allows is simply not there
+    for path in ("/clips/" + "a" * 300, "/static/" + "a" * 300, "/static/vendor/" + "a" * 300):
+        assert raw_get(port, path, auth)[0] == 404, path
+    # the token taken from the address bar sends the browser to this site, never to another
+    code, headers, _ = raw_get(port, f"//evil.example/x?token={TOKEN}&y=1")
+    assert code == 302 and headers["location"] == ["/evil.example/x?y=1"]
+    assert raw_get(port, "/api/history?limit=0", auth)[0] == 400
+    # live pages closed the moment they open: no traceback either
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(f"GET /api/live HTTP/1.1\r\nHost: box\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close with a reset
+        s.close()
+    assert raw_get(port, "/api/state", auth)[0] == 200  # and the server still answers
+    assert wait_for(lambda: not lan_server._clients, 10)
+    assert TOKEN not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage()[:100] for r in caplog.records]
+
+
+def test_connections_that_never_finish_a_request_are_closed_and_capped(tmp_path, monkeypatch):
+    """Half-sent headers hold memory before any token is read: a connection that finishes no
+    request is closed after IDLE_CLOSE_S, and past MAX_CONNECTIONS new ones are closed at once."""
+    from streamer.sinks import web as web_module
+
+    monkeypatch.setattr(web_module, "MAX_CONNECTIONS", 6)
+    monkeypatch.setattr(web_module, "IDLE_CLOSE_S", 2.0)
+    sink = WebSink(WebSettings(enabled=True, host="0.0.0.0", port=free_port(), token=TOKEN), ("Dog",), status=dict,
+                   metrics=None, healthy=lambda: True, clips_dir=None).start()
+    try:
+        held = []
+        for _ in range(6):
+            s = socket.create_connection(("127.0.0.1", sink.port), timeout=30)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: box\r\nX-Slow: ")  # and never the rest
+            held.append(s)
+        assert wait_for(lambda: len(sink._runner.server.connections) == 6, 10)
+        extra = socket.create_connection(("127.0.0.1", sink.port), timeout=30)
+        assert wait_for(lambda: sink.refused_connections == 1, 10)
+        assert extra.recv(1) == b""  # closed by the server
+        extra.close()
+        for s in held:  # closed by the server: without the limit they stayed an hour
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            s.close()
+        assert wait_for(lambda: not sink._runner.server.connections, 10)
+        status, _, _ = raw_get(sink.port, "/api/state", {"Authorization": f"Bearer {TOKEN}"})
+        assert status == 200  # a real request is served as before
+    finally:
+        sink.close()
 
 
 def test_a_busy_port_is_one_clear_line(lan_server):

@@ -33,6 +33,7 @@ import ipaddress
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -71,6 +72,16 @@ RECENT_EVENTS = 50  # finished events kept in the live state (the history has th
 COOKIE = "streamer_token"
 HISTORY_DEFAULT_LIMIT = 200
 SHUTDOWN_TIMEOUT_S = 5.0
+# the server's own limits, against a LAN client that opens connections and never finishes a
+# request (each held up to max headers × max field size of buffered header bytes, before the
+# token is even read): at most this many connections at once (more are closed at once, counted)
+# and a connection that completes no request within IDLE_CLOSE_S is closed (aiohttp's keep-alive
+# timer, which also runs from the connection's start; a response in progress is not cut)
+MAX_CONNECTIONS = 128
+IDLE_CLOSE_S = 15.0
+MAX_HEADERS = 48  # a browser sends about 15
+MAX_FIELD_BYTES = 8190  # aiohttp's default: one header line (cookies of other apps on this host count)
+MAX_HISTORY_ROWS = 1000  # the most events one /api/history answer holds (the store caps it too)
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
@@ -368,6 +379,30 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+class _ServerLog(logging.LoggerAdapter):
+    """aiohttp's request-handling log, made safe for a server on a LAN.
+
+    aiohttp logs a malformed request at ERROR with a traceback and the offending bytes — the
+    token among them when it sat in the header or query that broke the parser — so any client
+    could write secrets and megabytes of tracebacks into the journal. A request broken by the
+    client (a parse error, a connection reset) is counted in ``bad_requests`` and logged at
+    debug level by its exception's name alone; anything else is a bug of ours and is logged
+    as aiohttp would.
+    """
+
+    def __init__(self, sink: "WebSink") -> None:
+        super().__init__(log, {})
+        self.sink = sink
+
+    def log(self, level: int, msg: object, *args: object, exc_info: Any = None, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1] if exc_info else None
+        if isinstance(exc, (http_exceptions.HttpProcessingError, ConnectionError, UnicodeError)):
+            self.sink.bad_requests += 1
+            self.logger.debug("web: a malformed or broken request refused (%s)", type(exc).__name__)
+            return
+        super().log(level, msg, *args, exc_info=exc_info, **kwargs)
+
+
 def _sse(kind: str, payload: dict) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'), allow_nan=False)}\n\n".encode()
 
@@ -401,6 +436,8 @@ class WebSink:
         self.sent = 0  # live frames queued for browsers
         self.unauthorized = 0  # requests refused for a missing or wrong token
         self.refused_paths = 0  # clip requests for something not a file inside the clips folder
+        self.bad_requests = 0  # requests the client broke (malformed, reset): refused, not logged with their bytes
+        self.refused_connections = 0  # connections closed at once, MAX_CONNECTIONS being open
         self.status_errors = 0  # box status reads that failed
         self.sink_cpu_s = 0.0  # CPU time spent in handle() (the hub's thread for this sink)
         self.loop_cpu_s = 0.0  # CPU time of the server's thread (encoding, sending, requests)
@@ -411,6 +448,9 @@ class WebSink:
                 ("streamer_web_clients", "Browsers on the live feed", lambda: len(self._clients)),
                 ("streamer_web_unauthorized", "Requests refused for a missing or wrong token", lambda: self.unauthorized),
                 ("streamer_web_refused_paths", "Clip requests outside the clips folder, refused", lambda: self.refused_paths),
+                ("streamer_web_bad_requests", "Requests the client broke (malformed, reset), refused", lambda: self.bad_requests),
+                ("streamer_web_refused_connections", "Connections closed at once, the most allowed being open",
+                 lambda: self.refused_connections),
                 ("streamer_web_status_errors", "Box status reads that failed", lambda: self.status_errors),
                 ("streamer_web_sink_cpu_seconds", "CPU time taking pipeline items into the live state", lambda: self.sink_cpu_s),
                 ("streamer_web_server_cpu_seconds", "CPU time of the web server's thread", lambda: self.loop_cpu_s)):
@@ -482,8 +522,11 @@ class WebSink:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         app = self._app()
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+                                     logger=_ServerLog(self), keepalive_timeout=IDLE_CLOSE_S, max_headers=MAX_HEADERS,
+                                     max_field_size=MAX_FIELD_BYTES, max_line_size=MAX_FIELD_BYTES)
         await self._runner.setup()
+        self._cap_connections(self._runner.server)
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
         try:
             await site.start()
@@ -500,6 +543,19 @@ class WebSink:
         for client in list(self._clients):
             self._offer(client, None)
         await self._runner.cleanup()
+
+    def _cap_connections(self, server: web.Server) -> None:
+        """Close a connection at once when ``MAX_CONNECTIONS`` are already open (aiohttp has no such
+        limit): wraps the server's ``connection_made``, which each new connection's handler calls."""
+        admit = server.connection_made
+
+        def connection_made(handler, transport) -> None:
+            admit(handler, transport)
+            if len(server.connections) > MAX_CONNECTIONS:
+                self.refused_connections += 1
+                transport.abort()
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
 
     def stop(self) -> None:
         loop, thread = self._loop, self._thread
@@ -591,10 +647,10 @@ class WebSink:
             return web.Response(status=503, text="too many live pages open\n")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
         client = _Client(asyncio.Queue(maxsize=CLIENT_QUEUE_FRAMES))
         self._clients.add(client)
         try:
+            await resp.prepare(request)  # inside: a page reloaded at once is gone before its headers go out
             await resp.write(b"retry: 2000\n\n" + self._snapshot_frame(time.time()))
             while True:
                 try:
@@ -643,12 +699,15 @@ class WebSink:
             offered = from_query
         if offered is None:
             offered = request.cookies.get(COOKIE)
-        if offered is None or not hmac.compare_digest(offered.encode(), self._token):
+        # surrogateescape: aiohttp hands undecodable header bytes over as lone surrogates
+        if offered is None or not hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), self._token):
             self.unauthorized += 1
             return web.Response(status=401, text="401: Unauthorized\n")
         if from_query is not None and offered is from_query:  # keep it out of the address bar from now on
-            query = {k: v for k, v in request.query.items() if k != "token"}
-            resp = web.Response(status=302, headers={"Location": str(request.rel_url.with_query(query))})
+            target = request.rel_url.with_query([(k, v) for k, v in request.query.items() if k != "token"])
+            # one leading slash: "//host/…" would send the browser to another site
+            location = "/" + target.raw_path.lstrip("/") + (f"?{target.raw_query_string}" if target.raw_query_string else "")
+            resp = web.Response(status=302, headers={"Location": location})
             resp.set_cookie(COOKIE, from_query, httponly=True, samesite="Strict", path="/",
                             secure=request.secure)
             return resp
@@ -664,8 +723,12 @@ class WebSink:
         return self._file_in(STATIC_DIR / "vendor", request.match_info["name"])
 
     def _file_in(self, folder: Path, name: str) -> web.StreamResponse:
-        path = (folder / name).resolve()
-        if path.parent != folder.resolve() or not path.is_file():
+        try:
+            path = (folder / name).resolve()
+            found = path.parent == folder.resolve() and path.is_file()
+        except (OSError, RuntimeError, ValueError):  # a name too long for the file system, a link loop
+            found = False
+        if not found:
             raise web.HTTPNotFound()
         return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
@@ -686,12 +749,14 @@ class WebSink:
             try:
                 out = float(value)
             except ValueError:
-                raise web.HTTPBadRequest(text=f"{key}: expected a number (unix seconds)\n") from None
+                raise web.HTTPBadRequest(text=f"{key}: expected a number{' (unix seconds)' if key != 'limit' else ''}\n") from None
             if not math.isfinite(out):
                 raise web.HTTPBadRequest(text=f"{key}: expected a finite number\n")
             return out
 
         since, until, limit = number("since"), number("until"), number("limit")
+        if limit is not None and not (1 <= limit <= MAX_HISTORY_ROWS and limit == int(limit)):
+            raise web.HTTPBadRequest(text=f"limit: expected a whole number of events from 1 to {MAX_HISTORY_ROWS}\n")
 
         def read() -> dict:
             rows = self.history.query(stream=q.get("stream") or None, target=q.get("target") or None, since=since,
@@ -708,9 +773,14 @@ class WebSink:
         if folder is None or not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
             self.refused_paths += 1
             raise web.HTTPNotFound()
-        path = (folder / name).resolve()
-        if path.parent != folder or not path.is_file():
-            if path.parent != folder:
+        try:
+            path = (folder / name).resolve()
+            inside = path.parent == folder
+            found = inside and path.is_file()
+        except (OSError, RuntimeError, ValueError):  # a name too long for the file system, a link loop
+            inside = found = False
+        if not found:
+            if not inside:
                 self.refused_paths += 1
             raise web.HTTPNotFound()
         return web.FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
