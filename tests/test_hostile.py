@@ -700,3 +700,40 @@ def test_a_key_given_twice_is_named_with_both_lines(tmp_path):
     assert len(load_config(path).sources) == 2  # the same keys in two mappings are no repeat
     shipped = run_cli("check-config", str(REPO / "config" / "streamer.yaml"))
     assert "given twice" not in shipped.stderr
+
+
+def test_the_metrics_port_closes_silent_connections_and_caps_them(monkeypatch):
+    """http.server gives every connection a thread for as long as the client likes: a client that
+    opens connections and sends nothing would hold threads without end. Silent ones are closed
+    after METRICS_IDLE_S, and past METRICS_MAX_CONNECTIONS new ones are closed at once, counted."""
+    import socket
+    import threading
+
+    from mqtt_helpers import free_port
+    from streamer.sinks import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "METRICS_MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(metrics_module, "METRICS_IDLE_S", 1.0)
+    metrics = metrics_module.Metrics()
+    server = metrics_module.MetricsServer(metrics, lambda: True, "127.0.0.1", free_port()).start()
+    threads_before = threading.active_count()
+    try:
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(4)]
+        for s in held:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        assert wait_for(lambda: threading.active_count() == threads_before + 4, 10)
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        assert extra.recv(1) == b"" and server.server.refused == 1  # closed at once, counted
+        extra.close()
+        for s in held:  # closed by the server once silent: without the timeout they stayed for ever
+            assert s.recv(1) == b""
+            s.close()
+        assert wait_for(lambda: threading.active_count() == threads_before, 10)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.0 200") and b"streamer_metrics_refused_connections 1.0" in answer
+    finally:
+        server.stop()

@@ -63,13 +63,50 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+# this server's own limits (http.server has none: a thread per connection, held as long as the
+# client likes): a client on the LAN that opens connections and sends nothing would otherwise
+# hold a thread each, without end
+METRICS_MAX_CONNECTIONS = 16  # at once; more are closed at once and counted
+METRICS_IDLE_S = 10.0  # a connection silent this long is closed (a scrape takes milliseconds)
+
+
+class _BoundedServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most ``METRICS_MAX_CONNECTIONS`` of them."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type) -> None:
+        self._slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+        self.refused = 0
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class MetricsServer:
-    """``/metrics`` and ``/healthz`` on ``host:port`` (a daemon thread)."""
+    """``/metrics`` and ``/healthz`` on ``host:port`` (a daemon thread, and one per open connection, bounded)."""
 
     def __init__(self, metrics: Metrics, healthy: Callable[[], bool], host: str = "127.0.0.1", port: int = 9464) -> None:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = METRICS_IDLE_S
+
             def do_GET(self):  # noqa: N802 - the http.server API
                 if self.path.startswith("/metrics"):
                     body, status, kind = outer.metrics.render(), 200, CONTENT_TYPE_LATEST
@@ -89,12 +126,13 @@ class MetricsServer:
 
         self.metrics, self.healthy = metrics, healthy
         try:
-            self.server = http.server.ThreadingHTTPServer((host, port), Handler)
+            self.server = _BoundedServer((host, port), Handler)
         except OSError as exc:
             from streamer.errors import StreamerError
 
             raise StreamerError(f"metrics: cannot listen on {host}:{port} ({exc.strerror}); change metrics.port") from None
-        self.server.daemon_threads = True
+        Gauge("streamer_metrics_refused_connections", "Connections to this server closed at once, the most allowed being open",
+              registry=metrics.registry).set_function(lambda: self.server.refused)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
 
