@@ -823,3 +823,78 @@ def test_a_peer_that_is_no_broker_is_said_once_and_counted(answer, caplog):
             server.close()
     said = [r.getMessage() for r in caplog.records if "before accepting it" in r.getMessage()]
     assert len(said) == 1 and "does it expect TLS" in said[0], caplog.text
+
+
+def test_configs_another_client_publishes_live_under_our_prefix_are_not_answered(broker, caplog):
+    """Another client on the broker publishing under this instance's device prefix had each message
+    answered with a removal, queued ahead of the events (700k in 22 s starved them). Only what the
+    broker held at subscribe time is an earlier run's leftover: removed once, at the next start."""
+    caplog.set_level(logging.INFO, logger="streamer.sinks.mqtt")
+    pub = publisher(broker.port)
+    foreign = [T.device_config(f"ghost {i}") for i in range(40)]
+    other = Subscriber(broker.port, [])
+    try:
+        assert wait_for(lambda: pub.connected and pub.queue_length() == 0, 10)
+        for _ in range(5):
+            for topic in foreign:
+                other.client.publish(topic, '{"dev": {"name": "x"}}', qos=1, retain=True)
+        assert other.settled()  # every one of them delivered
+        pub.publish_event(event(1, "ON"))
+        assert wait_for(lambda: pub.stats.events_delivered >= 1 and pub.queue_length() == 0, 10)
+        assert "removing the discovery config" not in caplog.text
+    finally:
+        pub.stop()
+    again = publisher(broker.port)  # now they are leftovers the broker holds: each removed once
+    watch = Subscriber(broker.port, ["homeassistant/#"])
+    try:
+        assert wait_for(lambda: all(watch.on(t) and watch.on(t)[-1].payload == "" for t in foreign), 15)
+        assert caplog.text.count("removing the discovery config") == len(foreign)
+    finally:
+        again.stop()
+        watch.close()
+        other.close()
+
+
+def test_a_broker_that_accepts_and_drops_at_once_is_retried_with_growing_delays(caplog):
+    """paho starts its backoff over at every CONNACK: a broker that accepts and drops each
+    connection was retried every second for ever, with four log lines a time."""
+    import socket
+    import threading
+
+    caplog.set_level(logging.INFO)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    attempts: list[float] = []
+    done = threading.Event()
+
+    def accept_and_drop():
+        server.settimeout(0.2)
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            attempts.append(time.monotonic())
+            conn.settimeout(2)
+            try:
+                conn.recv(1024)  # CONNECT
+                conn.sendall(b"\x20\x02\x00\x00")  # CONNACK: accepted
+            except OSError:
+                pass
+            conn.close()
+
+    thread = threading.Thread(target=accept_and_drop, daemon=True)
+    thread.start()
+    pub = MqttPublisher(MqttSettings(host="127.0.0.1", port=server.getsockname()[1], reconnect_min_s=1, reconnect_max_s=60,
+                                     homeassistant=False, instance=INSTANCE), {STREAM: [TARGET]}).start()
+    try:
+        assert wait_for(lambda: len(attempts) >= 3, 20)
+        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+        assert gaps[1] >= 3.0 and gaps[1] > gaps[0] * 1.5, gaps  # 2 s, then 4 s: each flap doubles the delay
+    finally:
+        pub.stop()
+        done.set()
+        thread.join(5)
+        server.close()
+    assert "before accepting it" not in caplog.text  # the connection was accepted: no such line

@@ -82,6 +82,13 @@ NETWORK_RESTART_S = 5.0  # at most one restart of a dead network thread this oft
 SENDER_RESTART_S = 1.0  # the sender goes on this long after an error it did not expect
 REFUSED_RETRY_S = 60.0  # events the broker refused are offered again after this long
 MQTT_REFUSAL = 0x80  # reason codes from here up are failures (MQTT 5, 2.4)
+# discovery configs of this instance's streams no longer configured, removed per run at most:
+# another client can leave any number of retained configs under our device prefix
+MAX_DEVICE_CLEANUPS = 1024
+# a connection the broker accepted but ended within this long counts as a flap: paho starts its
+# backoff over at every CONNACK, so a broker that accepts and drops at once was retried every
+# reconnect_min_s for ever; each flap doubles the next delay instead (up to reconnect_max_s)
+STABLE_CONNECTION_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,10 @@ class MqttPublisher:
         self._peer_online = False  # the retained status said "online" before we announced ourselves
         self._conflict = False  # another live daemon uses this instance: remove nothing we do not know
         self._legacy_cleared: set[str] = set()
+        self._devices_cleared: set[str] = set()  # foreign-looking device configs already removed this run
+        self._connected_at = 0.0
+        self._flaps = 0  # accepted connections in a row that ended within STABLE_CONNECTION_S
+        self._accepted = False  # this connection attempt got its CONNACK (a later disconnect is not a refusal)
         how = "from mqtt.instance" if settings.instance else "from the host name; set mqtt.instance to choose another"
         log.info("mqtt: instance %r (%s): topics under %s/", settings.instance_id, how, self.topics.base)
         self.stats = MqttStats()
@@ -356,6 +367,7 @@ class MqttPublisher:
         client.will_set(s.status_topic, "offline", qos=QOS_EVENTS, retain=True)
         client.reconnect_delay_set(min_delay=max(1, int(s.reconnect_min_s)), max_delay=max(1, int(s.reconnect_max_s)))
         client.on_connect = self._on_connect
+        client.on_pre_connect = self._on_pre_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -393,6 +405,8 @@ class MqttPublisher:
                                    logging.ERROR, "check mqtt.username / mqtt.password / mqtt.client_id; retrying")
             return
         self.stats.connects += 1
+        self._accepted = True
+        self._connected_at = time.monotonic()
         self.last_error = None
         self._connection_state(None)
         # -- what is announced on (re)connect: status, owner, discovery, current states
@@ -424,16 +438,34 @@ class MqttPublisher:
             self._cond.notify_all()
         if was:
             self.stats.disconnects += 1
+            self._back_off_if_flapping(client)
             if not self._stopping:
                 self._connection_state(f"disconnected from {self.settings.host}:{self.settings.port} ({reason_code})",
                                        logging.WARNING, "reconnecting")
         elif self._connack_refused:
             self._connack_refused = False
+        elif self._accepted:  # the same accepted connection reported ended again (a write after the drop)
+            pass
         elif not self._stopping:  # reached, but no CONNACK: closed, garbage, a TLS port spoken to in plain MQTT, a silent peer
             self.stats.connect_failures += 1
             self._connection_state(f"the peer at {self.settings.host}:{self.settings.port} ended the connection before "
                                    f"accepting it", logging.WARNING,  # its reason code varies by try: one line, not one per code
                                    "is it an MQTT broker, and does it expect TLS (mqtt.tls)? retrying with backoff")
+
+    def _on_pre_connect(self, client, userdata) -> None:
+        self._accepted = False
+
+    def _back_off_if_flapping(self, client) -> None:
+        """A connection that lived under ``STABLE_CONNECTION_S`` doubles paho's next reconnect delay
+        (paho restarts it at ``reconnect_min_s`` after every CONNACK); a stable one resets it."""
+        low, high = max(1, int(self.settings.reconnect_min_s)), max(1, int(self.settings.reconnect_max_s))  # as at start
+        if time.monotonic() - self._connected_at < STABLE_CONNECTION_S:
+            self._flaps += 1
+            delay = min(high, low * 2 ** min(self._flaps, 16))
+            client.reconnect_delay_set(min_delay=delay, max_delay=max(delay, high))
+        elif self._flaps:
+            self._flaps = 0
+            client.reconnect_delay_set(min_delay=low, max_delay=high)
 
     def _on_message(self, client, userdata, message) -> None:
         """Home Assistant births, retained discovery configs and the instance's owner."""
@@ -461,12 +493,24 @@ class MqttPublisher:
         elif not payload:
             return
         elif self.topics.owns_device_config(topic):
+            # only what the broker held when we subscribed is an earlier run's leftover: a live one is our
+            # own announcement echoed back, or another client publishing there (a flood of them would
+            # have had the queue answer each with a removal, ahead of the events)
+            if not message.retain or self._conflict:
+                return
             current = self.discovery()
-            if topic not in current and not self._conflict:
+            if topic in current:
+                self._remove_stale_components(topic, payload, current[topic])
+            elif topic not in self._devices_cleared:
+                if len(self._devices_cleared) >= MAX_DEVICE_CLEANUPS:
+                    if len(self._devices_cleared) == MAX_DEVICE_CLEANUPS:
+                        self._devices_cleared.add("")  # one warning, not one a topic
+                        log.warning("mqtt: over %d discovery configs under this instance's prefix that no configured stream "
+                                    "has; leaving the rest (clear them with mosquitto_pub -r -n -t TOPIC)", MAX_DEVICE_CLEANUPS)
+                    return
+                self._devices_cleared.add(topic)
                 log.info("mqtt: removing the discovery config of a stream no longer configured: %s", topic)
                 self._enqueue(Message(topic, "", retain=True))
-            elif topic in current and message.retain and not self._conflict:
-                self._remove_stale_components(topic, payload, current[topic])
         elif topic in self._legacy_topics() and topic not in self._legacy_cleared:
             self._legacy_cleared.add(topic)
             log.info("mqtt: migrating to device discovery: removing the old per-entity config %s", topic)
