@@ -103,8 +103,8 @@ MIN_HELD_OUT_BACKGROUND_S = 60.0  # less held-out background than this says litt
 SILENT_PEAK = 1e-4  # -80 dBFS: a label's clip whose loudest sample is under this holds no sound to learn
 # attention starts as trained attention looks ("mimetic", Trockman & Kolter 2023): each head's
 # W_q W_k^T ≈ α Z + β I (a token attends to tokens like it), each layer's W_v W_o ≈ α Z − β I.
-# Over 30 new splits paired on the H100 against torch's default init: clip accuracy +0.015 ± 0.010,
-# top label +0.014 ± 0.010, scenes F1 +0.017 ± 0.011, at no cost a step (bench/README.md,
+# Over 46 new splits paired on H100s against the earlier init: clip accuracy +0.018 ± 0.008,
+# top label +0.014 ± 0.008, scenes F1 +0.010 ± 0.010, at no cost a step (bench/README.md,
 # "Training"); "default" gives the earlier recipe (bench/sweep_train.py pairs them)
 ATTN_INIT = "mimetic"
 MIMETIC_QK = (0.7, 0.7)  # (α, β), the paper's

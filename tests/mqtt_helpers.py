@@ -32,6 +32,43 @@ def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
     return bool(predicate())
 
 
+class FakePeer:
+    """A TCP port that is no real broker: each connection is handed to ``respond(conn)`` and then
+    closed; ``accepted`` holds when each came. For what mosquitto cannot be made to do (accept
+    and drop, answer garbage)."""
+
+    def __init__(self, respond) -> None:
+        self.accepted: list[float] = []
+        self._server = socket.socket()
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(16)
+        self._server.settimeout(0.2)
+        self.port = self._server.getsockname()[1]
+        self._done = threading.Event()
+        self._respond = respond
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._done.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                continue
+            self.accepted.append(time.monotonic())
+            with conn:
+                conn.settimeout(2)
+                try:
+                    self._respond(conn)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(5)
+        self._server.close()
+
+
 class Broker:
     """``mosquitto`` on a free port of 127.0.0.1, with optional auth, TLS and persistence."""
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from mqtt_helpers import Broker, Subscriber, daemon_topics, free_port, wait_for
+from mqtt_helpers import Broker, FakePeer, Subscriber, daemon_topics, free_port, wait_for
 from streamer.events import Event
 from streamer.names import host_instance
 from streamer.sinks import homeassistant as ha
@@ -793,33 +793,14 @@ def test_a_journal_on_a_full_disk_keeps_events_in_memory_and_writes_them_in_orde
 def test_a_peer_that_is_no_broker_is_said_once_and_counted(answer, caplog):
     """A port that accepts and closes, or answers garbage (a TLS port spoken to in plain MQTT,
     another service): no line and `connect failures 0`, while events waited."""
-    import socket
-    import threading
-
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    stop = threading.Event()
-
-    def serve():
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            with conn:
-                if answer:
-                    conn.sendall(answer)
-    threading.Thread(target=serve, daemon=True).start()
+    server = FakePeer(lambda conn: conn.sendall(answer) if answer else None)
     with caplog.at_level(logging.WARNING, logger="streamer.sinks.mqtt"):
-        pub = publisher(server.getsockname()[1])
+        pub = publisher(server.port)
         try:
             assert wait_for(lambda: pub.stats.connect_failures >= 2, 20), pub.stats
             assert not pub.connected and pub.stats.connect_refusals == 0
         finally:
             pub.stop(timeout=1)
-            stop.set()
             server.close()
     said = [r.getMessage() for r in caplog.records if "before accepting it" in r.getMessage()]
     assert len(said) == 1 and "does it expect TLS" in said[0], caplog.text
@@ -858,43 +839,19 @@ def test_configs_another_client_publishes_live_under_our_prefix_are_not_answered
 def test_a_broker_that_accepts_and_drops_at_once_is_retried_with_growing_delays(caplog):
     """paho starts its backoff over at every CONNACK: a broker that accepts and drops each
     connection was retried every second for ever, with four log lines a time."""
-    import socket
-    import threading
+    def accept_and_drop(conn):
+        conn.recv(1024)  # CONNECT
+        conn.sendall(b"\x20\x02\x00\x00")  # CONNACK: accepted
 
     caplog.set_level(logging.INFO)
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    attempts: list[float] = []
-    done = threading.Event()
-
-    def accept_and_drop():
-        server.settimeout(0.2)
-        while not done.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            attempts.append(time.monotonic())
-            conn.settimeout(2)
-            try:
-                conn.recv(1024)  # CONNECT
-                conn.sendall(b"\x20\x02\x00\x00")  # CONNACK: accepted
-            except OSError:
-                pass
-            conn.close()
-
-    thread = threading.Thread(target=accept_and_drop, daemon=True)
-    thread.start()
-    pub = MqttPublisher(MqttSettings(host="127.0.0.1", port=server.getsockname()[1], reconnect_min_s=1, reconnect_max_s=60,
+    server = FakePeer(accept_and_drop)
+    pub = MqttPublisher(MqttSettings(host="127.0.0.1", port=server.port, reconnect_min_s=1, reconnect_max_s=60,
                                      homeassistant=False, instance=INSTANCE), {STREAM: [TARGET]}).start()
     try:
-        assert wait_for(lambda: len(attempts) >= 3, 20)
-        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+        assert wait_for(lambda: len(server.accepted) >= 3, 20)
+        gaps = [b - a for a, b in zip(server.accepted, server.accepted[1:])]
         assert gaps[1] >= 3.0 and gaps[1] > gaps[0] * 1.5, gaps  # 2 s, then 4 s: each flap doubles the delay
     finally:
         pub.stop()
-        done.set()
-        thread.join(5)
         server.close()
     assert "before accepting it" not in caplog.text  # the connection was accepted: no such line

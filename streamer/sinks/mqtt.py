@@ -222,6 +222,7 @@ class MqttPublisher:
         self._conflict = False  # another live daemon uses this instance: remove nothing we do not know
         self._legacy_cleared: set[str] = set()
         self._devices_cleared: set[str] = set()  # foreign-looking device configs already removed this run
+        self._cleanups_capped = False  # MAX_DEVICE_CLEANUPS reached (said once)
         self._connected_at = 0.0
         self._flaps = 0  # accepted connections in a row that ended within STABLE_CONNECTION_S
         self._accepted = False  # this connection attempt got its CONNACK (a later disconnect is not a refusal)
@@ -503,8 +504,8 @@ class MqttPublisher:
                 self._remove_stale_components(topic, payload, current[topic])
             elif topic not in self._devices_cleared:
                 if len(self._devices_cleared) >= MAX_DEVICE_CLEANUPS:
-                    if len(self._devices_cleared) == MAX_DEVICE_CLEANUPS:
-                        self._devices_cleared.add("")  # one warning, not one a topic
+                    if not self._cleanups_capped:  # one warning, not one a topic
+                        self._cleanups_capped = True
                         log.warning("mqtt: over %d discovery configs under this instance's prefix that no configured stream "
                                     "has; leaving the rest (clear them with mosquitto_pub -r -n -t TOPIC)", MAX_DEVICE_CLEANUPS)
                     return

@@ -403,6 +403,18 @@ class _ServerLog(logging.LoggerAdapter):
         super().log(level, msg, *args, exc_info=exc_info, **kwargs)
 
 
+def _regular_file_in(folder: Path, name: str) -> tuple[Path | None, bool]:
+    """``(path, inside)``: the regular file ``name`` directly inside the resolved ``folder`` after
+    resolving links, else None; ``inside`` says whether it resolved to that folder at all. A name
+    too long for the file system or a link loop is simply not there."""
+    try:
+        path = (folder / name).resolve()
+        inside = path.parent == folder
+        return (path if inside and path.is_file() else None), inside
+    except (OSError, RuntimeError, ValueError):
+        return None, False
+
+
 def _sse(kind: str, payload: dict) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'), allow_nan=False)}\n\n".encode()
 
@@ -723,12 +735,8 @@ class WebSink:
         return self._file_in(STATIC_DIR / "vendor", request.match_info["name"])
 
     def _file_in(self, folder: Path, name: str) -> web.StreamResponse:
-        try:
-            path = (folder / name).resolve()
-            found = path.parent == folder.resolve() and path.is_file()
-        except (OSError, RuntimeError, ValueError):  # a name too long for the file system, a link loop
-            found = False
-        if not found:
+        path, _ = _regular_file_in(folder.resolve(), name)
+        if path is None:
             raise web.HTTPNotFound()
         return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
@@ -773,13 +781,8 @@ class WebSink:
         if folder is None or not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
             self.refused_paths += 1
             raise web.HTTPNotFound()
-        try:
-            path = (folder / name).resolve()
-            inside = path.parent == folder
-            found = inside and path.is_file()
-        except (OSError, RuntimeError, ValueError):  # a name too long for the file system, a link loop
-            inside = found = False
-        if not found:
+        path, inside = _regular_file_in(folder, name)
+        if path is None:
             if not inside:
                 self.refused_paths += 1
             raise web.HTTPNotFound()
